@@ -1,0 +1,39 @@
+# worldflow — set-up and main entry points. Every target creates .venv if missing.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# CPU build of torch that CI uses (a plain `torch` requirement pulls a multi-GB CUDA build).
+TORCH   ?= torch==2.13.0
+EXTRAS  ?= dev,classic
+STAMP   := $(VENV)/.installed
+RUN     ?= runs/demo
+
+.PHONY: install test demo bench lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(BIN)/worldflow demo --run $(RUN)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --out docs/benchmarks.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

@@ -1,0 +1,292 @@
+"""Typed configuration: dataclasses are the source of truth, YAML presets and ``key=value`` overrides.
+
+A preset (``configs/tiny.yaml``) is a nested mapping whose keys must match the dataclass fields;
+overrides are dotted paths (``tokenizer.width=64``). Unknown keys and values of the wrong type raise
+:class:`ConfigError` naming the offending key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, or its value has the wrong type."""
+
+
+@dataclass
+class DataConfig:
+    """Episode datasets on disk and clip sampling."""
+
+    size: int = 64  # frame height = width in pixels
+    clip_len: int = 16  # frames per training clip
+    holdout_fraction: float = 0.1  # share of episodes held out (by episode, deterministic)
+    on_corrupt: str = "error"  # "error" | "skip": what a broken video file does
+    cross_episode: bool = False  # allow clips to span episode boundaries
+    num_workers: int = 0
+
+
+@dataclass
+class CollectConfig:
+    env: str = "worldflow/Catch-v0"
+    episodes: int = 100
+    policy: str = "epsilon-expert"  # random | expert | epsilon-expert
+    epsilon: float = 0.3
+    action_repeat: int = 1
+    max_steps: int = 1000  # per episode, safety cap
+    seed: int = 0
+
+
+@dataclass
+class TransformerConfig:
+    """Shared space/time transformer (tokenizer and dynamics)."""
+
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    kv_heads: int = 4  # grouped-query attention when < heads
+    mlp_ratio: float = 4.0  # SwiGLU hidden = mlp_ratio * width * 2/3
+    temporal_every: int = 4  # a causal temporal layer every N-th layer (others spatial only)
+    softcap: float = 50.0  # attention logit soft-cap (0 disables)
+    qk_norm: bool = True
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+    backend: str = "auto"  # auto | sdpa | math | xformers
+
+
+@dataclass
+class TokenizerConfig:
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(temporal_every=1))
+    patch: int = 8
+    latent_tokens: int = 16  # N_l learned latent tokens per frame
+    latent_dim: int = 16  # D_b bottleneck channels (tanh)
+    mask_max: float = 0.9  # masked autoencoding: p ~ U(0, mask_max) per frame
+    lpips_weight: float = 0.2
+    lpips_path: str = ""  # local LPIPS weights; empty = LPIPS off (nothing downloads)
+    rms_decay: float = 0.99  # running RMS estimate for loss normalisation
+
+
+@dataclass
+class DynamicsConfig:
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    registers: int = 2
+    pack: int = 1  # tokenizer latents packed into one spatial token
+    agent_tokens: int = 1
+    num_tasks: int = 1
+    objective: str = "shortcut"  # shortcut | flow_x | flow_v
+    k_max: int = 64
+    bootstrap_fraction: float = 0.25
+    ramp_weight: bool = True
+    context_signal: float = 0.9  # signal level tau of context frames at inference
+    context_noise: bool = True  # corrupt context frames at inference (ablation switch)
+    context: int = 16  # C: temporal attention window / rollout context in frames
+    single_frame_fraction: float = 0.3
+    long_every: int = 0  # every N-th batch uses clips of long_len frames (0 = never)
+    long_len: int = 32
+    steps: int = 4  # default sampling steps K at inference
+
+
+@dataclass
+class AgentConfig:
+    hidden: int = 256
+    mtp: int = 8  # multi-token prediction length L
+    bins: int = 255  # two-hot bins (symexp spaced)
+    gamma: float = 0.997
+    lam: float = 0.95
+    pmpo_alpha: float = 0.5
+    pmpo_beta: float = 0.3
+    horizon: int = 16  # imagination rollout length
+    imag_batch: int = 32
+    train_backbone: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for one training phase."""
+
+    steps: int = 1000
+    batch: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: int = 100
+    grad_clip: float = 1.0
+    bf16: bool = False
+    log_every: int = 10
+    eval_every: int = 200
+    ckpt_every: int = 200
+    max_minutes: float = 0.0  # stop after this wall time (0 = no limit)
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved as ``config.json`` in every run directory."""
+
+    preset: str = "default"
+    device: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    train_tokenizer: TrainConfig = field(default_factory=TrainConfig)
+    train_dynamics: TrainConfig = field(default_factory=TrainConfig)
+    train_agent: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, merging, overriding
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': {value!r} matches none of {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected str, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def merge(obj: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    """Recursively apply a nested mapping onto a dataclass instance (in place); returns ``obj``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = _hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            merge(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+    return obj
+
+
+def apply_override(cfg: Config, override: str) -> None:
+    """Apply one ``dotted.key=value`` override; the value is parsed as YAML (so 3, 0.1, true, [1, 2]).
+
+    A string field keeps the raw text when YAML would read it as something else (``name=123``).
+    """
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key=value")
+    path, raw = override.split("=", 1)
+    parts = path.strip().split(".")
+    value: Any = yaml.safe_load(raw) if raw != "" else ""
+    if _field_type(cfg, parts) is str:
+        value = raw
+    nested: dict[str, Any] = {}
+    cur = nested
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    merge(cfg, nested)
+
+
+def _field_type(obj: Any, parts: list[str]) -> Any:
+    """Type of the field at a dotted path, or None if the path does not name a field."""
+    for i, p in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
+            return None
+        if i == len(parts) - 1:
+            return _hints(type(obj))[p]
+        obj = getattr(obj, p)
+    return None
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    q = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not q.exists():
+        known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset '{name_or_path}' (known: {', '.join(known)})")
+    return q
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from defaults, an optional preset (name or YAML path), then overrides."""
+    cfg = Config()
+    if preset is not None:
+        path = preset_path(preset)
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        merge(cfg, data)
+        if "preset" not in data:
+            cfg.preset = path.stem
+    for o in overrides or []:
+        apply_override(cfg, o)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(d))  # tuples -> lists, plain JSON types
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return merge(Config(), data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as JSON (atomically)."""
+    from worldflow.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True))
+
+
+def read_config(path: str | Path) -> Config:
+    with open(path) as f:
+        return from_dict(json.load(f))
