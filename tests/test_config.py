@@ -1,0 +1,90 @@
+"""Config loading, presets, overrides and errors."""
+
+import json
+
+import pytest
+
+from worldflow.config import (
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    load_config,
+    read_config,
+    save_config,
+    to_dict,
+)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.preset == preset
+    assert cfg.tokenizer.transformer.width > 0
+
+
+def test_preset_values_applied():
+    cfg = load_config("tiny")
+    assert cfg.data.size == 16
+    assert cfg.tokenizer.transformer.width == 32
+    # untouched fields keep dataclass defaults
+    assert cfg.dynamics.bootstrap_fraction == 0.25
+
+
+def test_overrides_types():
+    cfg = load_config("tiny", ["tokenizer.transformer.width=48", "train_dynamics.lr=1e-3",
+                               "train_dynamics.bf16=true", "collect.env=CartPole-v1",
+                               "train_agent.betas=[0.8, 0.9]", "tokenizer.lpips_path=123"])
+    assert cfg.tokenizer.transformer.width == 48
+    assert cfg.train_dynamics.lr == pytest.approx(1e-3)
+    assert cfg.train_dynamics.bf16 is True
+    assert cfg.collect.env == "CartPole-v1"
+    assert cfg.train_agent.betas == (0.8, 0.9)
+    assert cfg.tokenizer.lpips_path == "123"  # a str field keeps the raw text
+
+
+def test_int_field_accepts_no_float_and_float_accepts_int():
+    cfg = load_config(None, ["train_tokenizer.lr=1"])
+    assert isinstance(cfg.train_tokenizer.lr, float)
+    with pytest.raises(ConfigError, match="train_tokenizer.steps"):
+        load_config(None, ["train_tokenizer.steps=1.5"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("tokenizer.widht=3", "tokenizer.widht"),
+    ("nosuch=1", "nosuch"),
+    ("tokenizer.transformer.depth=deep", "tokenizer.transformer.depth"),
+    ("train_agent.bf16=3", "train_agent.bf16"),
+])
+def test_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("tiny", ["tokenizer.width"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("dynamics:\n  registerz: 3\n")
+    with pytest.raises(ConfigError, match=r"dynamics\.registerz"):
+        load_config(p)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("huge")
+
+
+def test_save_and_read_roundtrip(tmp_path):
+    cfg = load_config("small", ["dynamics.k_max=32"])
+    save_config(cfg, tmp_path / "config.json")
+    back = read_config(tmp_path / "config.json")
+    assert to_dict(back) == to_dict(cfg)
+    assert json.loads((tmp_path / "config.json").read_text())["dynamics"]["k_max"] == 32
+
+
+def test_all_presets_are_listed():
+    assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} >= {"tiny", "small", "base"}
+    assert isinstance(Config(), Config)

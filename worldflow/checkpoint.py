@@ -1,0 +1,159 @@
+"""Checkpoints: safetensors weights + JSON config + optimizer/RNG/sampler state, written atomically.
+
+Layout of one phase inside a run directory::
+
+    <run>/<phase>/checkpoints/step_00000500/model.safetensors   weights (strict load)
+                                             state.pt            optimizer, scheduler, step, RNG, extra
+                                             meta.json           format version, step, config
+    <run>/<phase>/checkpoints/latest.json                        {"step": 500, "dir": "step_00000500"}
+
+A checkpoint directory is built under a temporary name and renamed into place; ``latest.json`` is then
+replaced atomically. A crash at any moment leaves the previous good checkpoint as ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from worldflow.io import atomic_write_text
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, from another format version, or does not match the model."""
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, config: dict[str, Any],
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict[str, Any] | None = None,
+                    keep: int = 2) -> Path:
+    """Write ``step_<step>`` atomically under ``ckpt_root`` and point ``latest.json`` at it.
+
+    ``extra`` holds anything else needed to resume exactly (scheduler, sampler position, RNGs of
+    generators). Older checkpoints beyond ``keep`` are removed after the new one is in place.
+    """
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        state = {"step": step, "rng": rng_state(), "extra": extra or {}}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        torch.save(state, tmp / "state.pt")
+        meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _fsync_dir(tmp)
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest.json", json.dumps({"step": step, "dir": name}))
+    _prune(root, keep, protect=name)
+    return root / name
+
+
+def _prune(root: Path, keep: int, protect: str) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for p in steps[:-keep] if keep > 0 else []:
+        if p.name != protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The directory ``latest.json`` points at, or None when there is no checkpoint yet."""
+    root = Path(ckpt_root)
+    ptr = root / "latest.json"
+    if not ptr.exists():
+        return None
+    d = root / json.loads(ptr.read_text())["dir"]
+    if not (d / "model.safetensors").exists():
+        raise CheckpointError(f"latest.json in {root} points at {d.name}, which is incomplete or missing")
+    return d
+
+
+def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Strictly load safetensors weights; a mismatch names the offending tensors."""
+    path = Path(ckpt_dir) / "model.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"no weights at {path}")
+    tensors = load_file(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong))
+        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(tensors, strict=True)
+
+
+@dataclass
+class Resumed:
+    step: int
+    extra: dict[str, Any]
+
+
+def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> Resumed:
+    """Load weights (strict), optimizer state and RNG states; return the step and ``extra``."""
+    d = Path(ckpt_dir)
+    meta = json.loads((d / "meta.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{d}: format version {meta.get('format_version')} != {FORMAT_VERSION}")
+    load_weights(model, d)
+    state = torch.load(d / "state.pt", weights_only=False)
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return Resumed(step=int(state["step"]), extra=state.get("extra", {}))
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt_dir) / "meta.json").read_text())

@@ -1,0 +1,73 @@
+"""The ``worldflow`` command: collect, train tokenizer|dynamics|agent, eval, rollout, demo, bench.
+
+Each subcommand lives in the module of its concept; this file only builds the argument parser and
+dispatches, importing heavy modules lazily so ``worldflow --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from worldflow.config import ConfigError
+
+# subcommand -> module exposing add_parser(subparsers) (which sets func=...)
+_COMMANDS = {
+    "collect": "worldflow.collect",
+    "train": None,  # has its own sub-subcommands below
+    "eval": "worldflow.evaluate",
+    "rollout": "worldflow.rollout_cli",
+    "demo": "worldflow.demo",
+    "bench": "worldflow.bench_cli",
+}
+_TRAIN = {
+    "tokenizer": "worldflow.train_tokenizer",
+    "dynamics": "worldflow.train_dynamics",
+    "agent": "worldflow.train_agent",
+}
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The config flags every training/eval command shares."""
+    p.add_argument("--config", default="small", help="preset name (tiny|small|base) or a YAML file")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="dotted config overrides, e.g. train_tokenizer.steps=100")
+
+
+def _add_module(sub: argparse._SubParsersAction, name: str, module: str) -> None:
+    try:
+        importlib.import_module(module).add_parser(sub)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        p = sub.add_parser(name, help="(not available in this build)")
+        p.set_defaults(func=lambda a, n=name: sys.exit(f"worldflow {n}: not available in this build"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worldflow", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in _COMMANDS.items():
+        if module is not None:
+            _add_module(sub, name, module)
+            continue
+        tp = sub.add_parser("train", help="train the tokenizer, the dynamics model or the agent")
+        tsub = tp.add_subparsers(dest="what", required=True, metavar="WHAT")
+        for tname, tmodule in _TRAIN.items():
+            _add_module(tsub, tname, tmodule)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except ConfigError as e:
+        parser.exit(2, f"worldflow: config error: {e}\n")
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
