@@ -1,0 +1,40 @@
+"""Metrics against known values."""
+
+import math
+
+import torch
+
+from worldflow.metrics import psnr, ssim
+
+
+def test_psnr_of_known_noise():
+    target = torch.full((4, 32, 32, 3), 0.5)
+    pred = target.clone()
+    pred[..., ::2, :, :] += 0.1  # half the pixels off by 0.1 -> MSE = 0.005
+    expected = 10 * math.log10(1 / 0.005)
+    assert torch.allclose(psnr(pred, target), torch.full((4,), expected), atol=1e-3)
+
+
+def test_psnr_uint8_matches_float():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (2, 3, 16, 16, 3), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (2, 3, 16, 16, 3), dtype=torch.uint8, generator=g)
+    assert psnr(a, b).shape == (2, 3)
+    assert torch.allclose(psnr(a, b), psnr(a.float() / 255, b.float() / 255))
+
+
+def test_ssim_identical_is_one_and_noise_is_less():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 32, 32, 3, generator=g)
+    assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-5)
+    noisy = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    s = ssim(noisy, x)
+    assert (s < 0.9).all() and (s > -1).all()
+
+
+def test_ssim_constant_shift_matches_formula():
+    # Two constant images: SSIM = (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1) (variance terms cancel).
+    a, b = torch.full((1, 16, 16, 3), 0.3), torch.full((1, 16, 16, 3), 0.6)
+    c1 = 0.01**2
+    expected = (2 * 0.3 * 0.6 + c1) / (0.3**2 + 0.6**2 + c1)
+    assert torch.allclose(ssim(a, b), torch.tensor([expected]), atol=1e-5)

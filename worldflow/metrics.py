@@ -1,0 +1,60 @@
+"""Image-quality metrics on frames in [0, 1]: PSNR and SSIM (Wang et al. 2004, Gaussian window).
+
+All functions take float tensors (..., H, W, 3) in [0, 1] and reduce over the last three dims, so a
+(B, T, H, W, 3) input gives (B, T) per-frame values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def to_unit(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [0, 1] frames -> float32 [0, 1]."""
+    if frames.dtype == torch.uint8:
+        return frames.float() / 255.0
+    return frames.float()
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, max_val: float = 1.0, eps: float = 1e-10) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image: 10 log10(max^2 / MSE). Shapes (..., H, W, C) -> (...)."""
+    mse = ((to_unit(pred) - to_unit(target)) ** 2).mean(dim=(-1, -2, -3))
+    return 10.0 * torch.log10(max_val**2 / (mse + eps))
+
+
+def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
+    x = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 7, sigma: float = 1.5,
+         max_val: float = 1.0) -> torch.Tensor:
+    """Structural similarity per image (mean over pixels and channels). Shapes (..., H, W, C) -> (...).
+
+    Gaussian-weighted local statistics with C1 = (0.01 L)^2, C2 = (0.03 L)^2; 'valid' windows only, as
+    in the reference implementation. The window shrinks for images smaller than it.
+    """
+    a, b = to_unit(pred), to_unit(target)
+    lead = a.shape[:-3]
+    h, w, c = a.shape[-3:]
+    window = min(window, h, w)
+    a = a.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
+    b = b.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
+    g = _gaussian_window(window, sigma, a.device)
+    kx, ky = g.view(1, 1, 1, -1), g.view(1, 1, -1, 1)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(x, kx), ky)
+
+    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    per = (num / den).mean(dim=(-1, -2)).view(-1, c).mean(-1)
+    return per.view(lead)
