@@ -1,0 +1,31 @@
+"""Environments for worldflow: the Catch game, pixel wrappers, ``make_env`` and data-collection policies.
+
+Importing this package registers ``worldflow/Catch-v0`` with gymnasium (once, even on re-import), so
+``gymnasium.make("worldflow/Catch-v0", size=32)`` works anywhere after ``import worldflow.envs``.
+"""
+
+from __future__ import annotations
+
+import gymnasium
+
+CATCH_ID = "worldflow/Catch-v0"
+
+# Re-importing (reloads, several test modules) must not re-register: gymnasium warns on overrides.
+if CATCH_ID not in gymnasium.registry:
+    gymnasium.register(id=CATCH_ID, entry_point="worldflow.envs.catch:CatchEnv", max_episode_steps=1000)
+
+from .catch import CatchEnv  # noqa: E402  (registration first: the modules below may call make)
+from .policies import POLICY_KINDS, make_policy  # noqa: E402
+from .wrappers import ActionRepeat, Episode, PixelObservation, RecordEpisode, make_env  # noqa: E402
+
+__all__ = [
+    "CATCH_ID",
+    "POLICY_KINDS",
+    "ActionRepeat",
+    "CatchEnv",
+    "Episode",
+    "PixelObservation",
+    "RecordEpisode",
+    "make_env",
+    "make_policy",
+]

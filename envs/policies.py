@@ -1,0 +1,79 @@
+"""Behaviour policies for collecting episodes: random, a scripted expert, and an epsilon-mix of the two.
+
+A policy is a plain callable ``policy(obs) -> action``. Expert policies ignore the observation and ask
+the environment for ``env.unwrapped.expert_action()``, which reads the true game state; that is only
+meaningful while ``policy`` is called on the env's *current* observation (the usual collection loop).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+POLICY_KINDS = ("random", "expert", "epsilon-expert")
+
+Policy = Callable[[Any], Any]
+
+
+def make_policy(kind: str, env: gymnasium.Env, epsilon: float = 0.3, seed: int | None = None) -> Policy:
+    """Build a policy ``obs -> action`` for ``env``.
+
+    Args:
+        kind: ``"random"`` (uniform over the action space), ``"expert"`` (``env.unwrapped.expert_action()``)
+            or ``"epsilon-expert"`` (a uniform random action with probability ``epsilon``, else the expert).
+        env: the environment the policy acts in (possibly wrapped).
+        epsilon: exploration rate in [0, 1] for ``"epsilon-expert"``; ignored by the other kinds.
+        seed: seeds the policy's own RNG, so action choice is reproducible independently of the env.
+
+    Raises:
+        ValueError: unknown ``kind``, ``epsilon`` outside [0, 1], or an expert kind for an env without
+            ``expert_action()``.
+    """
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"unknown policy kind {kind!r}; expected one of {', '.join(POLICY_KINDS)}")
+    if kind == "random":
+        return _random_policy(env, seed)
+    expert = _expert_fn(env)
+    if kind == "expert":
+        return lambda obs: expert()
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    return _epsilon_policy(env, expert, epsilon, seed)
+
+
+def _random_policy(env: gymnasium.Env, seed: int | None) -> Policy:
+    # A private copy of the space: seeding it must not disturb anyone else sampling env.action_space.
+    space = copy.deepcopy(env.action_space)
+    space.seed(seed)
+    return lambda obs: space.sample()
+
+
+def _expert_fn(env: gymnasium.Env) -> Callable[[], Any]:
+    expert = getattr(env.unwrapped, "expert_action", None)
+    if not callable(expert):
+        raise ValueError(
+            f"environment {_env_name(env)} has no scripted expert (env.unwrapped.expert_action()); "
+            f"use policy kind 'random' or an env that provides one, e.g. worldflow/Catch-v0"
+        )
+    return expert
+
+
+def _epsilon_policy(
+    env: gymnasium.Env, expert: Callable[[], Any], epsilon: float, seed: int | None
+) -> Policy:
+    rng = np.random.default_rng(seed)
+    explore = _random_policy(env, None if seed is None else int(rng.integers(2**31)))
+
+    def policy(obs: Any) -> Any:
+        return explore(obs) if rng.random() < epsilon else expert()
+
+    return policy
+
+
+def _env_name(env: gymnasium.Env) -> str:
+    spec = env.spec
+    return repr(spec.id) if spec is not None else type(env.unwrapped).__name__

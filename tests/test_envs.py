@@ -1,0 +1,271 @@
+"""Environment package: Catch dynamics, policies, pixel wrappers and make_env (runs in seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium import spaces
+from gymnasium.utils.env_checker import check_env
+from worldflow.envs import (
+    CATCH_ID,
+    ActionRepeat,
+    CatchEnv,
+    PixelObservation,
+    RecordEpisode,
+    make_env,
+    make_policy,
+)
+from worldflow.envs.catch import BALL_COLOUR, GRID, PADDLE_COLOUR
+from worldflow.envs.wrappers import MissingExtraError
+
+# check_env warns that a wrapped env is not its unwrapped self: that is the point of checking the wrappers.
+wrapped_check = pytest.mark.filterwarnings("ignore:.*different from the unwrapped version")
+needs_pygame = pytest.mark.skipif(importlib.util.find_spec("pygame") is None, reason="worldflow[classic]")
+
+
+def pixel_box(size: int) -> spaces.Box:
+    return spaces.Box(0, 255, shape=(size, size, 3), dtype=np.uint8)
+
+
+def run_episode(env: gymnasium.Env, policy, seed: int) -> float:
+    obs, _ = env.reset(seed=seed)
+    total, done = 0.0, False
+    while not done:
+        obs, reward, terminated, truncated, _ = env.step(policy(obs))
+        total += reward
+        done = terminated or truncated
+    return total
+
+
+def paddle_columns(frame: np.ndarray) -> np.ndarray:
+    """Pixel columns of the bottom row that show the paddle colour."""
+    return np.flatnonzero((frame[-1] == PADDLE_COLOUR).all(axis=-1))
+
+
+# ------------------------------------------------------------------------------------------------ Catch
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_catch_passes_env_checker(size):
+    check_env(gymnasium.make(CATCH_ID, size=size, render_mode="rgb_array").unwrapped)
+
+
+def test_catch_registered_with_time_limit():
+    import worldflow.envs  # noqa: F401  (re-import must not re-register)
+
+    env = gymnasium.make(CATCH_ID, size=32)
+    assert env.spec.max_episode_steps == 1000
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (32, 32, 3) and obs.dtype == np.uint8
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 40])
+def test_catch_frame_has_ball_and_paddle(size):
+    env = CatchEnv(size=size, render_mode="rgb_array")
+    obs, _ = env.reset(seed=1)
+    assert obs.shape == (size, size, 3)
+    cell = size // GRID
+    assert (obs == BALL_COLOUR).all(-1).sum() == cell * cell
+    assert (obs == PADDLE_COLOUR).all(-1).sum() == 3 * cell * cell
+    np.testing.assert_array_equal(env.render(), obs)
+
+
+def test_paddle_moves_left_and_right_until_the_wall():
+    env = CatchEnv(size=64)
+    env.reset(seed=0)
+    x0 = paddle_columns(env.render())[0]
+    right, *_ = env.step(2)
+    assert paddle_columns(right)[0] == x0 + 4  # one 4-pixel cell per step
+    left, *_ = env.step(0)
+    assert paddle_columns(left)[0] == x0
+    stay, *_ = env.step(1)
+    assert paddle_columns(stay)[0] == x0
+    for _ in range(GRID):
+        frame, *_ = env.step(0)
+    assert paddle_columns(frame)[0] == 0  # blocked by the left wall, still fully visible
+
+
+def test_catch_is_deterministic_under_seed():
+    def rollout(seed):
+        env = CatchEnv(size=16)
+        frames = [env.reset(seed=seed)[0]]
+        rng = np.random.default_rng(0)  # the same action sequence for both rollouts
+        for _ in range(60):
+            obs, reward, terminated, truncated, _ = env.step(int(rng.integers(3)))
+            frames.append(obs)
+            if terminated:
+                break
+        return np.stack(frames)
+
+    np.testing.assert_array_equal(rollout(7), rollout(7))
+    assert not np.array_equal(rollout(7), rollout(8))
+
+
+def test_catch_rewards_and_termination():
+    env = CatchEnv(size=16, num_balls=4, max_misses=2)
+    env.reset(seed=3)
+    rewards, steps, terminated = [], 0, False
+    while not terminated:
+        _, reward, terminated, truncated, info = env.step(env.expert_action())
+        rewards.append(reward)
+        steps += 1
+    assert sorted(set(rewards)) == [0.0, 1.0] and sum(rewards) == 4 and info["caught"] == 4
+    assert steps == 4 * GRID - 1  # 15 falling steps per ball + 1 respawn step between balls
+    env.reset(seed=3)
+    steps, total, terminated = 0, 0.0, False
+    while not terminated:  # run to the wall away from the ball: every ball is missed
+        _, reward, terminated, _, info = env.step(2 if env._ball_col < GRID // 2 else 0)
+        steps, total = steps + 1, total + reward
+    assert (total, info["missed"], info["caught"], steps) == (-2.0, 2, 0, 2 * GRID - 1)
+
+
+def test_expert_far_better_than_random():
+    env = gymnasium.make(CATCH_ID, size=16)
+    expert = np.mean([run_episode(env, make_policy("expert", env), seed=s) for s in range(5)])
+    random_policy = make_policy("random", env, seed=0)
+    random = np.mean([run_episode(env, random_policy, seed=s) for s in range(5)])
+    assert expert >= 0.8 * env.unwrapped.num_balls
+    assert random <= expert / 2
+
+
+# --------------------------------------------------------------------------------------------- policies
+
+
+def test_policies_are_seeded_and_valid():
+    env = CatchEnv(size=16)
+    env.reset(seed=0)
+
+    def actions(kind, seed, epsilon=0.5):
+        policy = make_policy(kind, env, epsilon=epsilon, seed=seed)
+        return [int(policy(None)) for _ in range(30)]
+
+    assert actions("random", 1) == actions("random", 1) != actions("random", 2)
+    assert actions("epsilon-expert", 4) == actions("epsilon-expert", 4)
+    assert set(actions("epsilon-expert", 4)) <= {0, 1, 2} and len(set(actions("random", 1))) == 3
+    assert actions("epsilon-expert", 4, epsilon=0.0) == actions("expert", None) == [env.expert_action()] * 30
+
+
+def test_policy_errors_name_env_and_kind():
+    env = gymnasium.make("CartPole-v1")
+    with pytest.raises(ValueError, match="CartPole-v1"):
+        make_policy("expert", env)
+    with pytest.raises(ValueError, match="greedy"):
+        make_policy("greedy", env)
+    with pytest.raises(ValueError, match="epsilon"):
+        make_policy("epsilon-expert", CatchEnv(), epsilon=1.5)
+
+
+# --------------------------------------------------------------------------------------------- wrappers
+
+
+class CountingEnv(gymnasium.Env):
+    """Reward = step index (1, 2, ...); terminates after ``length`` steps; grey (H, W) image observations."""
+
+    def __init__(self, length: int = 5) -> None:
+        self.length = length
+        self.observation_space = spaces.Box(0, 255, shape=(10, 20), dtype=np.uint8)
+        self.action_space = spaces.Discrete(2)
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.full((10, 20), 0, np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full((10, 20), 10 * self.t, np.uint8), float(self.t), self.t >= self.length, False, {}
+
+
+def test_action_repeat_sums_rewards_and_stops_at_termination():
+    env = ActionRepeat(CountingEnv(length=5), k=2)
+    env.reset()
+    assert env.step(0)[1] == 1 + 2
+    assert env.step(0)[1] == 3 + 4
+    _, reward, terminated, _, info = env.step(0)
+    assert (reward, terminated, info["repeats"]) == (5, True, 1)
+
+
+def test_pixel_observation_from_grey_image():
+    env = PixelObservation(CountingEnv(), size=8)
+    obs, _ = env.reset()
+    assert env.observation_space == pixel_box(8) and obs.shape == (8, 8, 3)
+    obs, *_ = env.step(0)
+    assert (obs == 10).all()  # area resize of a constant image keeps its value, grey → 3 channels
+
+
+def test_pixel_observation_needs_rgb_render_for_non_images():
+    with pytest.raises(ValueError, match="render_mode"):
+        PixelObservation(gymnasium.make("CartPole-v1"), size=16)
+
+
+def test_record_episode_keeps_current_and_last():
+    env = RecordEpisode(CountingEnv(length=3))
+    env.reset()
+    for _ in range(3):
+        env.step(1)
+    ep = env.last_episode
+    assert ep is env.current_episode and ep.terminated and not ep.truncated and len(ep) == 3
+    arrays = ep.to_arrays()
+    assert arrays["frames"].shape == (4, 10, 20) and arrays["rewards"].tolist() == [1, 2, 3]
+    env.reset()
+    env.step(0)
+    assert len(env.current_episode) == 1 and env.last_episode is ep
+
+
+# --------------------------------------------------------------------------------------------- make_env
+
+
+def test_make_env_catch_native_size_with_wrappers():
+    env = make_env(CATCH_ID, size=32, action_repeat=2, record=True, num_balls=2)
+    assert env.observation_space == pixel_box(32)
+    assert isinstance(env, RecordEpisode) and isinstance(env.env, ActionRepeat)
+    assert not any(isinstance(w, PixelObservation) for w in _stack(env))  # rendered natively, no resize
+    run_episode(env, make_policy("expert", env), seed=0)
+    assert env.last_episode.to_arrays()["frames"].shape[1:] == (32, 32, 3)
+    assert sum(env.last_episode.rewards) == 2
+
+
+def _stack(env):
+    while isinstance(env, gymnasium.Wrapper):
+        yield env
+        env = env.env
+
+
+@needs_pygame
+@wrapped_check
+def test_make_env_cartpole_passes_env_checker():
+    env = make_env("CartPole-v1", size=32)
+    assert env.observation_space == pixel_box(32)
+    # The render check would rebuild the base env in "human" mode (a window); our wrapper needs rgb_array.
+    check_env(env, skip_render_check=True)
+
+
+@wrapped_check
+def test_make_env_ale():
+    pytest.importorskip("ale_py")
+    env = make_env("ALE/Pong-v5", size=64)
+    assert env.observation_space == pixel_box(64)
+    check_env(env, skip_render_check=True)
+
+
+@wrapped_check
+def test_make_env_minigrid():
+    pytest.importorskip("minigrid")
+    env = make_env("MiniGrid-Empty-5x5-v0", size=16, action_repeat=2)
+    assert env.observation_space == pixel_box(16)
+    check_env(env, skip_render_check=True)
+
+
+def test_make_env_errors_name_the_id(monkeypatch):
+    with pytest.raises(ValueError, match="NoSuchEnv-v0"):
+        make_env("NoSuchEnv-v0")
+    with pytest.raises(ValueError, match="CartPole-v9.*CartPole-v1"):
+        make_env("CartPole-v9")
+    # Simulate a missing optional extra: the error names the id and the pip extra to install.
+    monkeypatch.setitem(__import__("sys").modules, "minigrid", None)
+    with pytest.raises(MissingExtraError, match=r"MiniGrid-Empty-5x5-v0.*worldflow\[minigrid\]"):
+        make_env("MiniGrid-Empty-5x5-v0")
