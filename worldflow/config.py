@@ -74,6 +74,7 @@ class TokenizerConfig:
     lpips_weight: float = 0.2
     lpips_path: str = ""  # local LPIPS weights; empty = LPIPS off (nothing downloads)
     rms_decay: float = 0.99  # running RMS estimate for loss normalisation
+    context: int = 16  # temporal attention window in frames (whole-clip and streaming alike)
 
 
 @dataclass
