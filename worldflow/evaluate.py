@@ -1,0 +1,219 @@
+"""``worldflow eval``: held-out open-loop rollouts scored per horizon, tokenizer reconstruction, plots.
+
+Protocol (DESIGN §8): condition on C context frames of held-out episodes, roll out H frames with the
+true actions, decode, and compare with the real frames (context excluded). Baselines: repeating the last
+context frame, and the same rollout with actions shuffled across the batch (action sensitivity).
+
+JSON keys (a public contract): ``psnr``, ``ssim`` (maps horizon -> mean), ``baseline_copy_last`` and
+``shuffled_actions`` (each {"psnr": map, "ssim": map}), ``steps``, ``frames_per_second``, optional
+``steps_sweep`` (map K -> mean PSNR over the requested horizons), ``lpips`` and ``fvd`` (null: absent
+unless their weights are configured locally), ``context``, ``clips``; ``--tokenizer-only`` writes
+``recon_psnr`` and ``recon_ssim``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worldflow.clips import ClipBank
+from worldflow.config import Config
+from worldflow.io import atomic_write_text
+from worldflow.metrics import psnr, ssim
+from worldflow.visual import comparison_video, plot_curves, write_media
+
+DEFAULT_HORIZONS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def decode_rollout(tok, context_latents: torch.Tensor, pred_latents: torch.Tensor) -> torch.Tensor:
+    """Decode predicted latents (B, H, N, D) after their context (B, C, N, D) -> frames (B, H, ...) in [0,1].
+
+    The decoder is causal in time, so predicted frames are decoded with the context in front of them.
+    """
+    z = torch.cat([context_latents, pred_latents], dim=1)
+    return tok.decode(z)[:, context_latents.shape[1]:]
+
+
+class RolloutEvaluator:
+    """Scores open-loop rollouts on a fixed set of held-out clips (same clips at every call)."""
+
+    def __init__(self, tok, bank: ClipBank, data: str | Path, cfg: Config, device: torch.device,
+                 context: int, horizon: int, clips: int = 32, seed: int = 0):
+        self.tok, self.cfg, self.device = tok, cfg, device
+        self.context, self.horizon = context, horizon
+        self.batch = {k: v.to(device) for k, v in bank.fixed_batch(clips, context + horizon).items()}
+        self.seed = seed
+
+    def truth_frames(self) -> torch.Tensor:
+        """Ground-truth frames (B, H, h, w, 3) in [0, 1] of the predicted span."""
+        return self.batch["frames"][:, self.context:].float() / 255.0
+
+    @torch.no_grad()
+    def predict(self, model, steps: int, shuffle_actions: bool = False, chunk: int = 32) -> torch.Tensor:
+        from worldflow.dynamics import rollout
+
+        b = self.batch
+        actions, mask = b["actions"], b["action_mask"]
+        if shuffle_actions:  # a fixed derangement across the batch: every clip gets another clip's actions
+            perm = torch.roll(torch.arange(actions.shape[0], device=actions.device), 1)
+            actions, mask = actions[perm], mask[perm]
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        c = self.context
+        frames = []
+        for i in range(0, actions.shape[0], chunk):
+            sl = slice(i, i + chunk)
+            z = rollout(model, b["latents"][sl, :c], actions[sl], self.horizon, steps,
+                        action_mask=mask[sl], generator=gen)
+            frames.append(decode_rollout(self.tok, b["latents"][sl, :c], z))
+        return torch.cat(frames)
+
+    def copy_last(self) -> torch.Tensor:
+        last = self.batch["frames"][:, self.context - 1 : self.context].float() / 255.0
+        return last.expand(-1, self.horizon, *last.shape[2:])
+
+    def per_horizon(self, pred: torch.Tensor, horizons: list[int]) -> dict[str, dict[int, float]]:
+        truth = self.truth_frames()
+        p, s = psnr(pred, truth).mean(0), ssim(pred, truth).mean(0)
+        hs = [h for h in horizons if h <= self.horizon]
+        return {"psnr": {h: float(p[h - 1]) for h in hs}, "ssim": {h: float(s[h - 1]) for h in hs}}
+
+    def quick(self, model, step: int, media_dir: Path | None = None) -> dict[str, float]:
+        """Mean PSNR over horizons 1..H with the configured K, against copy-last; writes a video."""
+        was = model.training
+        model.eval()
+        pred = self.predict(model, self.cfg.dynamics.steps)
+        model.train(was)
+        truth = self.truth_frames()
+        out = {"psnr": float(psnr(pred, truth).mean()), "psnr_copy_last": float(psnr(self.copy_last(),
+                                                                                    truth).mean())}
+        if media_dir is not None:
+            self.write_video(pred, Path(media_dir) / f"rollout_{step:07d}")
+        return out
+
+    def write_video(self, pred: torch.Tensor, path: Path, n: int = 4) -> None:
+        ctx = self.batch["frames"][:n, : self.context]
+        truth = self.batch["frames"][:n]
+        full_pred = torch.cat([ctx.float() / 255.0, pred[:n]], dim=1)
+        write_media(comparison_video(truth, full_pred, context=self.context), path)
+
+
+def _mean_over(m: dict[int, float], horizons: list[int]) -> float:
+    vals = [m[h] for h in horizons if h in m]
+    return sum(vals) / max(1, len(vals))
+
+
+def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons: list[int], steps: int,
+                      steps_sweep: list[int] | None, clips: int, out_dir: Path, progress: bool = True
+                      ) -> dict[str, Any]:
+    """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model."""
+    from worldflow.runs import device_of, phase_config
+    from worldflow.train_dynamics import action_space_of, latent_bank, load_dynamics
+    from worldflow.train_tokenizer import load_tokenizer
+
+    cfg = phase_config(run, "dynamics")
+    device = device_of(cfg)
+    tok, _ = load_tokenizer(run, device)
+    model, _ = load_dynamics(run, action_space_of(data), device)
+    if context > model.cfg.context:
+        raise ValueError(f"--context {context} exceeds the context the model was trained for "
+                         f"({model.cfg.context} frames)")
+    bank = latent_bank(run, data, cfg, "heldout", tok, progress)
+    bank = with_frames(bank, data, cfg, progress)
+    horizon = max(horizons)
+    ev = RolloutEvaluator(tok, bank, data, cfg, device, context=context, horizon=horizon, clips=clips)
+    t0 = time.time()
+    pred = ev.predict(model, steps)
+    fps = pred.shape[0] * pred.shape[1] / (time.time() - t0)
+    res: dict[str, Any] = {"steps": steps, "context": context, "clips": int(pred.shape[0])}
+    res.update(ev.per_horizon(pred, horizons))
+    res["baseline_copy_last"] = ev.per_horizon(ev.copy_last(), horizons)
+    res["shuffled_actions"] = ev.per_horizon(ev.predict(model, steps, shuffle_actions=True), horizons)
+    res["frames_per_second"] = fps
+    res["lpips"] = None  # absent: needs local LPIPS weights (tokenizer.lpips_path)
+    res["fvd"] = None  # absent: needs local I3D weights
+    if steps_sweep:
+        res["steps_sweep"] = {k: _mean_over(ev.per_horizon(ev.predict(model, k), horizons)["psnr"], horizons)
+                              for k in steps_sweep}
+    ev.write_video(pred, out_dir / "rollout")
+    _plots(res, out_dir)
+    return res
+
+
+def with_frames(bank: ClipBank, data, cfg: Config, progress: bool) -> ClipBank:
+    """Attach the real frames to a latent bank (ground truth for scoring)."""
+    frames = ClipBank.load(data, cfg.data, split="heldout", progress=progress)
+    by_id = dict(zip(frames.ids, frames.episodes))
+    eps = [{**e, "frames": by_id[i]["frames"]} for i, e in zip(bank.ids, bank.episodes)]
+    return ClipBank(eps, bank.ids)
+
+
+def _plots(res: dict[str, Any], out_dir: Path) -> None:
+    for metric in ("psnr", "ssim"):
+        plot_curves(out_dir / f"{metric}_vs_horizon.png",
+                    {f"model (K={res['steps']})": res[metric],
+                     "copy last frame": res["baseline_copy_last"][metric],
+                     "shuffled actions": res["shuffled_actions"][metric]},
+                    "horizon (frames)", metric.upper(), title=f"{metric.upper()} vs horizon")
+    if "steps_sweep" in res:
+        plot_curves(out_dir / "psnr_vs_steps.png", {"model": res["steps_sweep"]}, "sampling steps K",
+                    "mean PSNR (dB)", title="quality vs K")
+
+
+def evaluate_tokenizer_run(run: str | Path, data: str | Path, clips: int, progress: bool = True
+                           ) -> dict[str, Any]:
+    from worldflow.runs import device_of
+    from worldflow.train_tokenizer import evaluate_tokenizer, load_tokenizer
+
+    tok, cfg = load_tokenizer(run, "cpu")
+    device = device_of(cfg)
+    tok.to(device)
+    held = ClipBank.load(data, cfg.data, split="heldout", progress=progress)
+    frames = held.fixed_clips(clips, cfg.data.clip_len).to(device)
+    r = evaluate_tokenizer(tok, frames)
+    return {"recon_psnr": r["recon_psnr"], "recon_ssim": r["recon_ssim"], "clips": int(frames.shape[0]),
+            "clip_len": int(frames.shape[1])}
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path(args.run) / "eval.json"
+    media = out.parent / (out.stem + "_media")
+    if args.tokenizer_only:
+        res = evaluate_tokenizer_run(args.run, args.data, args.clips, progress=not args.no_progress)
+    else:
+        if args.data is None:
+            raise SystemExit("worldflow eval: --data is required for rollout evaluation")
+        res = evaluate_dynamics(args.run, args.data, args.context, args.horizons, args.steps,
+                                args.steps_sweep, args.clips, media, progress=not args.no_progress)
+    atomic_write_text(out, json.dumps(res, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=None))
+    print(f"wrote {out}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a run: rollout PSNR/SSIM per horizon, baselines, plots",
+                       description=__doc__)
+    p.add_argument("--run", required=True, help="run directory with trained checkpoints")
+    p.add_argument("--data", help="dataset directory (held-out episodes are used)")
+    p.add_argument("--context", type=int, default=8, help="context frames C")
+    p.add_argument("--horizons", type=_ints, default=list(DEFAULT_HORIZONS), help="e.g. 1,2,4,8,16,32,64")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps K per frame")
+    p.add_argument("--steps-sweep", type=_ints, default=None,
+                   help="also score these K, e.g. 1,2,4,8,16,32,64")
+    p.add_argument("--clips", type=int, default=32, help="held-out clips to score")
+    p.add_argument("--tokenizer-only", action="store_true", help="only tokenizer reconstruction PSNR/SSIM")
+    p.add_argument("--out", help="JSON file to write (default <run>/eval.json)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
