@@ -13,6 +13,7 @@ action; ``rewards`` float (L,) (reward received for the action at frame t); ``te
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,11 +24,11 @@ from tqdm.auto import tqdm
 from worldflow.config import DataConfig
 
 
-def episode_tensors(ep: dict) -> dict[str, torch.Tensor]:
-    """Per-frame tensors of one loaded episode (see worldflow.episodes) aligned to its L frames."""
-    frames = torch.as_tensor(np.asarray(ep["frames"]))
+def episode_tensors(ep) -> dict[str, torch.Tensor]:
+    """Per-frame tensors of one loaded ``worldflow.episodes.Episode``, aligned to its L = T + 1 frames."""
+    frames = torch.as_tensor(np.asarray(ep.frames))
     n = frames.shape[0]
-    acts = torch.as_tensor(np.asarray(ep["actions"]))
+    acts = torch.as_tensor(np.asarray(ep.actions))
     steps = acts.shape[0]
     if steps not in (n - 1, n):
         raise ValueError(f"episode has {n} frames but {steps} actions")
@@ -40,8 +41,8 @@ def episode_tensors(ep: dict) -> dict[str, torch.Tensor]:
         return torch.cat([x, torch.zeros(n - x.shape[0], dtype=dtype)]) if x.shape[0] < n else x
 
     return {"frames": frames, "actions": torch.cat([acts, fill]), "action_mask": mask,
-            "rewards": per_frame(ep["rewards"], torch.float32),
-            "terminated": per_frame(ep["terminated"], torch.bool)}
+            "rewards": per_frame(ep.rewards, torch.float32),
+            "terminated": per_frame(ep.terminated, torch.bool)}
 
 
 class ClipBank:
@@ -58,14 +59,23 @@ class ClipBank:
     def load(cls, root: str | Path, data: DataConfig, split: str = "train", progress: bool = True
              ) -> ClipBank:
         """Decode every episode of a split of a dataset directory into memory."""
-        from worldflow.dataset import episode_ids, load_episode
+        from worldflow.dataset import select_episodes
+        from worldflow.episodes import CorruptEpisodeError, load_episode, load_manifest
 
-        ids = episode_ids(root, split=split, holdout_fraction=data.holdout_fraction)
-        eps = []
-        for i in tqdm(ids, desc=f"loading {split} episodes", disable=not progress, leave=False):
-            eps.append(episode_tensors(load_episode(root, i, on_corrupt=data.on_corrupt)))
-        keep = [(i, e) for i, e in zip(ids, eps) if e is not None]
-        return cls([e for _, e in keep], [i for i, _ in keep])
+        manifest = load_manifest(root)
+        entries = select_episodes(manifest, split, data.holdout_fraction)
+        eps, ids = [], []
+        for e in tqdm(entries, desc=f"loading {split} episodes", disable=not progress, leave=False):
+            try:
+                eps.append(episode_tensors(load_episode(root, e["index"], manifest=manifest)))
+                ids.append(e["index"])
+            except CorruptEpisodeError as err:
+                if data.on_corrupt != "skip":
+                    raise
+                warnings.warn(f"skipping corrupt episode: {err}", stacklevel=2)
+        if not eps:
+            raise ValueError(f"dataset {root} has no usable {split} episodes")
+        return cls(eps, ids)
 
     def _starts(self, clip_len: int) -> torch.Tensor:
         return (self.lengths - clip_len + 1).clamp(min=0)
