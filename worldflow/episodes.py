@@ -1,0 +1,465 @@
+"""Episodes on disk: one lossless video + one ``.npz`` sidecar per episode, and a ``manifest.json``.
+
+Layout of a dataset directory (see docs/data.md)::
+
+    manifest.json
+    episodes/ep_000000.mp4   frames[0..T]: T+1 observations, uint8 RGB, lossless H.264
+    episodes/ep_000000.npz   actions (T, ...), rewards float32 (T,), terminated/truncated bool (T,),
+                             num_frames int64 () = T+1
+
+Alignment: ``actions[t]`` is taken at ``frames[t]`` and leads to ``frames[t+1]``, with reward
+``rewards[t]`` and flags ``terminated[t]`` / ``truncated[t]`` of that transition. The last frame
+(``frames[T]``) is the final observation and has no action.
+
+Crash safety: every file is written to a temporary name and renamed into place, video and sidecar
+first, the manifest last. An interrupted writer leaves at most orphan episode files that the manifest
+does not list (they are ignored, and overwritten by the next append), never a listed episode whose
+files are missing or half written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worldflow.io import atomic_write_bytes, atomic_write_text
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+EPISODE_DIR = "episodes"
+SIDECAR_KEYS = ("actions", "rewards", "terminated", "truncated", "num_frames")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A directory has no ``manifest.json`` (it is not a worldflow dataset, or nothing was collected)."""
+
+
+class EmptyDatasetError(ValueError):
+    """A dataset's manifest lists no (usable) episodes."""
+
+
+class CorruptEpisodeError(RuntimeError):
+    """An episode's video or sidecar is unreadable, truncated or inconsistent; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Action spaces ⇄ JSON
+
+
+def _float_list(a: np.ndarray) -> Any:
+    """Array → nested lists, with ±inf / nan as strings (strict JSON has no non-finite numbers)."""
+    return [_float_list(x) for x in a] if a.ndim else (str(float(a)) if not np.isfinite(a) else a.item())
+
+
+def _float_array(v: Any, dtype: str) -> np.ndarray:
+    def conv(x: Any) -> Any:
+        return [conv(y) for y in x] if isinstance(x, list) else float(x)
+
+    return np.asarray(conv(v), dtype=dtype)
+
+
+def space_to_dict(space) -> dict[str, Any]:
+    """A JSON-serialisable description of a Discrete, Box, MultiDiscrete or MultiBinary space."""
+    from gymnasium import spaces
+
+    if isinstance(space, spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, spaces.Box):
+        return {
+            "type": "Box",
+            "shape": list(space.shape),
+            "dtype": np.dtype(space.dtype).name,
+            "low": _float_list(np.asarray(space.low, dtype=np.float64)),
+            "high": _float_list(np.asarray(space.high, dtype=np.float64)),
+        }
+    if isinstance(space, spaces.MultiDiscrete):
+        return {
+            "type": "MultiDiscrete",
+            "nvec": np.asarray(space.nvec).tolist(),
+            "start": np.asarray(space.start).tolist(),
+            "dtype": np.dtype(space.dtype).name,
+        }
+    if isinstance(space, spaces.MultiBinary):
+        n = space.n
+        return {"type": "MultiBinary", "n": int(n) if np.isscalar(n) else list(n)}
+    raise TypeError(
+        f"cannot serialise action space {space!r}: supported are Discrete, Box, MultiDiscrete, MultiBinary"
+    )
+
+
+def space_from_dict(d: dict[str, Any]):
+    """Rebuild the gymnasium space described by :func:`space_to_dict`."""
+    from gymnasium import spaces
+
+    kind = d.get("type")
+    if kind == "Discrete":
+        return spaces.Discrete(int(d["n"]), start=int(d.get("start", 0)))
+    if kind == "Box":
+        dtype = d.get("dtype", "float32")
+        return spaces.Box(
+            low=_float_array(d["low"], dtype),
+            high=_float_array(d["high"], dtype),
+            shape=tuple(d["shape"]),
+            dtype=dtype,
+        )
+    if kind == "MultiDiscrete":
+        dtype = d.get("dtype", "int64")
+        return spaces.MultiDiscrete(np.asarray(d["nvec"]), dtype=dtype, start=np.asarray(d.get("start", 0)))
+    if kind == "MultiBinary":
+        return spaces.MultiBinary(d["n"])
+    raise ValueError(f"unknown action space description {d!r}")
+
+
+def action_dtype(space_dict: dict[str, Any]) -> np.dtype:
+    """On-disk dtype of actions: int64 for discrete kinds, the Box dtype for Box."""
+    if space_dict["type"] == "Box":
+        return np.dtype(space_dict.get("dtype", "float32"))
+    if space_dict["type"] == "MultiBinary":
+        return np.dtype(np.int8)
+    return np.dtype(np.int64)
+
+
+def action_shape(space_dict: dict[str, Any]) -> tuple[int, ...]:
+    """Shape of one action (``()`` for Discrete)."""
+    kind = space_dict["type"]
+    if kind == "Discrete":
+        return ()
+    if kind == "Box":
+        return tuple(space_dict["shape"])
+    if kind == "MultiDiscrete":
+        return tuple(np.shape(space_dict["nvec"]))
+    n = space_dict["n"]
+    return (n,) if isinstance(n, int) else tuple(n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def manifest_path(root: str | Path) -> Path:
+    return Path(root) / MANIFEST_NAME
+
+
+def load_manifest(root: str | Path, allow_empty: bool = False) -> dict[str, Any]:
+    """Read ``<root>/manifest.json``.
+
+    Raises :class:`DatasetNotFoundError` if there is none and :class:`EmptyDatasetError` if it lists no
+    episodes (unless ``allow_empty``); both messages name the directory.
+    """
+    root = Path(root)
+    path = manifest_path(root)
+    if not path.is_file():
+        what = "does not exist" if not root.exists() else "has no manifest.json"
+        raise DatasetNotFoundError(
+            f"dataset directory {str(root)!r} {what}; create one with `worldflow collect --out {root} ...`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptEpisodeError(f"manifest {path} is not valid JSON: {e}") from e
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    if not manifest.get("episodes") and not allow_empty:
+        raise EmptyDatasetError(f"dataset directory {str(root)!r} has no episodes (manifest lists none)")
+    return manifest
+
+
+def episode_files(root: str | Path, entry: dict[str, Any]) -> tuple[Path, Path]:
+    """(video path, sidecar path) of a manifest episode entry."""
+    root = Path(root)
+    return root / entry["video"], root / entry["sidecar"]
+
+
+def read_sidecar(path: str | Path) -> dict[str, np.ndarray]:
+    """Load a sidecar ``.npz``: actions, rewards (T,) float32, terminated/truncated (T,) bool, num_frames.
+
+    Raises :class:`CorruptEpisodeError` naming the file when it is unreadable or inconsistent.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise CorruptEpisodeError(f"cannot read episode sidecar {path}: {e}") from e
+    missing = [k for k in SIDECAR_KEYS if k not in data]
+    if missing:
+        raise CorruptEpisodeError(f"episode sidecar {path} lacks keys {missing}")
+    t = len(data["rewards"])
+    if (
+        any(len(data[k]) != t for k in ("actions", "terminated", "truncated"))
+        or int(data["num_frames"]) != t + 1
+    ):
+        raise CorruptEpisodeError(
+            f"episode sidecar {path}: inconsistent lengths (actions {len(data['actions'])}, rewards {t}, "
+            f"terminated {len(data['terminated'])}, truncated {len(data['truncated'])}, "
+            f"num_frames {int(data['num_frames'])}; expected num_frames = T + 1)"
+        )
+    return data
+
+
+@dataclass
+class Episode:
+    """One whole episode in memory.
+
+    frames: uint8 (T+1, H, W, 3); actions: (T, ...) as recorded; rewards: float32 (T,);
+    terminated, truncated: bool (T,). ``actions[t]`` at ``frames[t]`` leads to ``frames[t+1]``.
+    """
+
+    frames: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    index: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        """Number of transitions T (there are T+1 frames)."""
+        return len(self.rewards)
+
+
+def load_episode(
+    root: str | Path, index: int, backend: str = "auto", manifest: dict | None = None
+) -> Episode:
+    """Load the episode whose manifest ``index`` is ``index`` fully (frames + sidecar), checked.
+
+    Raises :class:`CorruptEpisodeError` naming the file when the video is unreadable or its frame count
+    differs from the sidecar's, and ``KeyError`` when no episode has that index.
+    """
+    from worldflow.video import VideoDecodeError, VideoReader
+
+    manifest = manifest or load_manifest(root)
+    entry = next((e for e in manifest["episodes"] if e["index"] == index), None)
+    if entry is None:
+        raise KeyError(f"dataset {str(root)!r} has no episode with index {index}")
+    video, sidecar = episode_files(root, entry)
+    side = read_sidecar(sidecar)
+    try:
+        with VideoReader(video, backend=backend) as r:
+            n = len(r)
+            if n != int(side["num_frames"]):
+                raise CorruptEpisodeError(
+                    f"episode video {video} has {n} frames, its sidecar says {int(side['num_frames'])}"
+                )
+            frames = r.read_all()
+    except VideoDecodeError as e:
+        raise CorruptEpisodeError(f"episode video {video} is unreadable: {e}") from e
+    return Episode(
+        frames=frames,
+        actions=side["actions"],
+        rewards=side["rewards"].astype(np.float32),
+        terminated=side["terminated"].astype(bool),
+        truncated=side["truncated"].astype(bool),
+        index=index,
+        info=dict(entry),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+class DatasetWriter:
+    """Append episodes to a dataset directory (creating it, or continuing an existing one).
+
+    Args:
+        root: dataset directory.
+        env_id: environment id recorded in the manifest (must match when appending).
+        action_space: gymnasium space or its :func:`space_to_dict` form (must match when appending).
+        fps: playback rate stored in the videos and the manifest.
+        lossless: lossless videos (default; see worldflow.video for why).
+        meta: extra JSON-serialisable manifest keys (seed, policy, ...); existing ones are kept.
+
+    One writer per directory at a time. Each :meth:`add_episode` writes video, sidecar, then the
+    manifest, each atomically.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        env_id: str,
+        action_space,
+        fps: int = 15,
+        lossless: bool = True,
+        meta: dict[str, Any] | None = None,
+    ):
+        self.root = Path(root)
+        space = action_space if isinstance(action_space, dict) else space_to_dict(action_space)
+        self.lossless = lossless
+        if manifest_path(self.root).is_file():
+            self.manifest = load_manifest(self.root, allow_empty=True)
+            self._check_compatible(env_id, space, fps)
+            self.manifest.update({k: v for k, v in (meta or {}).items() if k not in self.manifest})
+        else:
+            self.manifest = {
+                "format_version": FORMAT_VERSION,
+                "env_id": env_id,
+                "action_space": space,
+                "frame_shape": None,  # (H, W, 3), set by the first episode
+                "fps": fps,
+                "lossless": lossless,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **(meta or {}),
+                "episodes": [],
+            }
+
+    def _check_compatible(self, env_id: str, space: dict, fps: int) -> None:
+        m = self.manifest
+        for key, new in (("env_id", env_id), ("action_space", space), ("fps", fps)):
+            if m.get(key) != new:
+                raise ValueError(
+                    f"cannot append to {self.root}: its {key} is {m.get(key)!r}, new episodes have {new!r}"
+                )
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.manifest["episodes"])
+
+    def add_episode(
+        self,
+        frames: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        **info: Any,
+    ) -> dict[str, Any]:
+        """Store one episode: frames uint8 (T+1, H, W, 3), actions (T, ...), rewards (T,), flags (T,).
+
+        ``info`` (JSON-serialisable, e.g. ``seed=3``) is stored in the episode's manifest entry.
+        Returns that entry.
+        """
+        from worldflow.video import write_video
+
+        frames = np.asarray(frames)
+        sp = self.manifest["action_space"]
+        actions = np.asarray(actions, dtype=action_dtype(sp))
+        t = len(actions)
+        if actions.shape[1:] != action_shape(sp):
+            raise ValueError(f"actions have shape {actions.shape}, expected (T, *{action_shape(sp)})")
+        arrays = {
+            "actions": actions,
+            "rewards": np.asarray(rewards, dtype=np.float32),
+            "terminated": np.asarray(terminated, dtype=bool),
+            "truncated": np.asarray(truncated, dtype=bool),
+            "num_frames": np.asarray(t + 1, dtype=np.int64),
+        }
+        if frames.shape[0] != t + 1 or any(
+            arrays[k].shape != (t,) for k in ("rewards", "terminated", "truncated")
+        ):
+            raise ValueError(
+                f"an episode of T transitions needs T+1 frames and T actions/rewards/flags; got frames "
+                f"{frames.shape[0]}, actions {t}, rewards {arrays['rewards'].shape}, "
+                f"terminated {arrays['terminated'].shape}, truncated {arrays['truncated'].shape}"
+            )
+        shape = list(frames.shape[1:])
+        if self.manifest["frame_shape"] is None:
+            self.manifest["frame_shape"] = shape
+        elif self.manifest["frame_shape"] != shape:
+            raise ValueError(f"frames are {shape}, the dataset's are {self.manifest['frame_shape']}")
+
+        index = 1 + max((e["index"] for e in self.manifest["episodes"]), default=-1)
+        name = f"{EPISODE_DIR}/ep_{index:06d}"
+        entry = {
+            "index": index,
+            "video": f"{name}.mp4",
+            "sidecar": f"{name}.npz",
+            "length": t,
+            "num_frames": t + 1,
+            "return": float(arrays["rewards"].astype(np.float64).sum()),
+            "terminated": bool(arrays["terminated"][-1]) if t else False,
+            "truncated": bool(arrays["truncated"][-1]) if t else False,
+            **info,
+        }
+        write_video(self.root / entry["video"], frames, fps=self.manifest["fps"], lossless=self.lossless)
+        atomic_write_bytes(self.root / entry["sidecar"], _npz_bytes(arrays))
+        self.manifest["episodes"].append(entry)
+        self._write_manifest()
+        return entry
+
+    def _write_manifest(self) -> None:
+        self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_text(manifest_path(self.root), json.dumps(self.manifest, indent=1, allow_nan=False))
+
+    def episode(self, first_obs: np.ndarray, **info: Any) -> EpisodeWriter:
+        """Start recording an episode step by step from its first observation (see EpisodeWriter)."""
+        return EpisodeWriter(self, first_obs, **info)
+
+
+class EpisodeWriter:
+    """Records one episode step by step, then stores it in a :class:`DatasetWriter`.
+
+    ``w = writer.episode(obs0)``; after each env step ``w.step(action, obs, reward, terminated,
+    truncated)``; finally ``w.commit()`` (stores it, returns the manifest entry). Nothing touches the
+    disk before ``commit``, so an abandoned episode leaves no trace.
+    """
+
+    def __init__(self, dataset: DatasetWriter, first_obs: np.ndarray, **info: Any):
+        self.dataset = dataset
+        self.info = info
+        self.frames = [np.asarray(first_obs)]
+        self.actions: list[Any] = []
+        self.rewards: list[float] = []
+        self.terminated: list[bool] = []
+        self.truncated: list[bool] = []
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def step(
+        self, action: Any, next_obs: np.ndarray, reward: float, terminated: bool, truncated: bool
+    ) -> None:
+        """Record ``action`` taken at the latest observation, and what it led to."""
+        self.actions.append(np.asarray(action))
+        self.frames.append(np.asarray(next_obs))
+        self.rewards.append(float(reward))
+        self.terminated.append(bool(terminated))
+        self.truncated.append(bool(truncated))
+
+    def commit(self) -> dict[str, Any]:
+        sp = self.dataset.manifest["action_space"]
+        actions = (
+            np.stack(self.actions) if self.actions else np.zeros((0, *action_shape(sp)), action_dtype(sp))
+        )
+        return self.dataset.add_episode(
+            np.stack(self.frames), actions, self.rewards, self.terminated, self.truncated, **self.info
+        )
+
+
+def holdout_episodes(entries: list[dict[str, Any]], fraction: float, seed: int = 0) -> set[int]:
+    """Indices (manifest ``index`` field) of held-out episodes: a deterministic split by episode.
+
+    Each episode is held out iff a hash of (seed, its video file name) falls below ``fraction``, so the
+    split of an episode never changes when more episodes are appended. When that picks none and there
+    are ≥ 2 episodes, the episode with the smallest hash is held out; when it picks all, the one with the
+    largest stays in training. ``fraction`` 0 holds out nothing.
+    """
+    import hashlib
+
+    if not entries or fraction <= 0:
+        return set()
+
+    def u(e: dict[str, Any]) -> float:
+        h = hashlib.sha256(f"{seed}:{e['video']}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64
+
+    scored = sorted((u(e), e["index"]) for e in entries)
+    held = {i for s, i in scored if s < fraction}
+    if not held and len(scored) >= 2:
+        held = {scored[0][1]}
+    if len(held) == len(scored) and len(scored) >= 2:
+        held.discard(scored[-1][1])
+    return held
