@@ -99,9 +99,15 @@ class DynamicsConfig:
 
 @dataclass
 class AgentConfig:
+    """Agent heads and losses (DESIGN §6, docs/agent.md)."""
+
     hidden: int = 256
+    head_layers: int = 2  # hidden layers per head MLP (Linear -> RMSNorm -> SiLU)
     mtp: int = 8  # multi-token prediction length L
     bins: int = 255  # two-hot bins (symexp spaced)
+    bins_limit: float = 20.0  # bins span symlog values [-limit, limit], i.e. |y| <= symexp(20) ~ 4.85e8
+    min_std: float = 0.1  # Box policies: bounds of the pre-tanh Normal std (Dreamer 3)
+    max_std: float = 1.0
     gamma: float = 0.997
     lam: float = 0.95
     pmpo_alpha: float = 0.5
