@@ -34,7 +34,7 @@ class TokenizerTraining(torch.nn.Module):
         self.loss = TokenizerLoss(cfg.tokenizer)
 
     def forward(self, frames: torch.Tensor, gen: torch.Generator | None = None):
-        out = self.tokenizer(frames, mask=True)
+        out = self.tokenizer(frames, mask=True, generator=gen)
         return self.loss(out["recon"], frames)
 
 
