@@ -118,6 +118,18 @@ class AgentConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Dreamer-style online loop: act in the real env, grow the dataset, retrain, repeat."""
+
+    iterations: int = 3
+    episodes_per_iter: int = 10  # real-env episodes collected with the current policy each iteration
+    tokenizer_steps: int = 200  # fine-tuning steps per iteration for each phase
+    dynamics_steps: int = 300
+    bc_steps: int = 100
+    agent_steps: int = 200
+
+
+@dataclass
 class TrainConfig:
     """Optimisation settings for one training phase."""
 
@@ -149,7 +161,9 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     train_tokenizer: TrainConfig = field(default_factory=TrainConfig)
     train_dynamics: TrainConfig = field(default_factory=TrainConfig)
-    train_agent: TrainConfig = field(default_factory=TrainConfig)
+    train_bc: TrainConfig = field(default_factory=TrainConfig)  # phase 2: behaviour cloning + reward
+    train_agent: TrainConfig = field(default_factory=TrainConfig)  # phase 3: RL in imagination
+    online: OnlineConfig = field(default_factory=lambda: OnlineConfig())
 
 
 # ---------------------------------------------------------------------------------------------------

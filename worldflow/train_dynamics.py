@@ -80,6 +80,7 @@ def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok,
 def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, progress: bool = True
           ) -> dict[str, Any]:
     from worldflow.evaluate import RolloutEvaluator, with_frames
+    from worldflow.imagination import record_dataset
     from worldflow.train_tokenizer import load_tokenizer
 
     device = device_of(cfg)
@@ -87,6 +88,7 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     # The tokenizer fixes the latent shape and frame size: the dynamics model must agree with it.
     cfg.tokenizer, cfg.data.size = tok_cfg.tokenizer, tok_cfg.data.size
     start_phase(run, PHASE, cfg)
+    record_dataset(run, data)
     torch.manual_seed(cfg.train_dynamics.seed)
     space = action_space_of(data)
     train_bank = latent_bank(run, data, cfg, "train", tok, progress)

@@ -15,6 +15,7 @@ import torch
 from worldflow.checkpoint import load_weights
 from worldflow.clips import ClipBank
 from worldflow.config import Config, to_dict
+from worldflow.imagination import record_dataset
 from worldflow.metrics import psnr, ssim
 from worldflow.runs import device_of, phase_checkpoint, phase_config, resolve_config, start_phase
 from worldflow.tokenizer import CausalTokenizer, TokenizerLoss
@@ -67,6 +68,7 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
           ) -> dict[str, Any]:
     """Train the tokenizer; returns the trainer summary with the final held-out metrics."""
     phase_dir = start_phase(run, PHASE, cfg)
+    record_dataset(run, data)
     torch.manual_seed(cfg.train_tokenizer.seed)
     device = device_of(cfg)
     train_bank = ClipBank.load(data, cfg.data, split="train", progress=progress)

@@ -1,0 +1,146 @@
+"""Acting in the real environment with a policy trained inside the world model.
+
+The agent perceives through the world model: each real frame is encoded by the tokenizer (streaming)
+and fed to the dynamics model as a context frame together with the previous action; the policy head
+reads the agent-token features of that frame. N episodes run in lockstep as one batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from worldflow.dynamics import RolloutStream
+from worldflow.imagination import AgentModel, features, load_agent_model, policy_to_dynamics
+
+
+class WorldModelAgent:
+    """Batched policy over real pixel observations (B, H, W, 3) uint8, perceiving through the world model."""
+
+    def __init__(self, tok, model: AgentModel, batch: int, sample: bool = True, seed: int = 0):
+        self.tok, self.model, self.batch, self.sample = tok, model, batch, sample
+        self.device = next(model.parameters()).device
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.enc_cache = self.tok.new_encode_cache(self.batch)
+        self.stream = RolloutStream(self.model.dynamics, self.batch, generator=self.gen)
+        self.prev: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """obs uint8 (B, H, W, 3) -> env actions (B, ...) (numpy, in the env's action space)."""
+        frames = torch.as_tensor(np.ascontiguousarray(obs), device=self.device)
+        z = self.tok.encode(frames[:, None], cache=self.enc_cache)
+        heads = self.model.heads
+        if self.prev is None:  # the first frame of an episode has no incoming action
+            agent = self.stream.observe(z)
+        else:
+            agent = self.stream.observe(z, policy_to_dynamics(heads, self.prev)[:, None])
+        dist = heads.policy(features(agent)[:, -1])
+        a = dist.sample(self.gen) if self.sample else dist.mode()
+        self.prev = a
+        return np.asarray(heads.spec.to_env(a.cpu()))
+
+
+def run_episodes(env_id: str, size: int, episodes: int, act_fn, seed: int, progress: bool = True,
+                 max_steps: int = 10_000, record: bool = False) -> dict[str, Any]:
+    """Run ``episodes`` real-env episodes in lockstep; ``act_fn(obs (B,H,W,3)) -> actions (B, ...)``.
+
+    Returns mean/std return, per-episode returns and lengths, and (record=True) the trajectories.
+    """
+    from worldflow.envs.wrappers import make_env
+
+    envs = [make_env(env_id, size=size) for _ in range(episodes)]
+    obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)])
+    done = np.zeros(episodes, bool)
+    returns, lengths = np.zeros(episodes), np.zeros(episodes, int)
+    traj = [{"frames": [obs[i]], "actions": [], "rewards": [], "terminated": [], "truncated": []}
+            for i in range(episodes)]
+    bar = tqdm(total=episodes, desc=f"{env_id} episodes", disable=not progress, leave=False)
+    for _ in range(max_steps):
+        actions = act_fn(obs)
+        for i, env in enumerate(envs):
+            if done[i]:
+                continue
+            o, r, term, trunc, _ = env.step(actions[i].item() if np.ndim(actions[i]) == 0 else actions[i])
+            returns[i] += r
+            lengths[i] += 1
+            obs[i] = o
+            if record:
+                t = traj[i]
+                t["frames"].append(o)
+                t["actions"].append(actions[i])
+                t["rewards"].append(r)
+                t["terminated"].append(term)
+                t["truncated"].append(trunc)
+            if term or trunc:
+                done[i] = True
+                bar.update(1)
+        if done.all():
+            break
+    bar.close()
+    for e in envs:
+        e.close()
+    out = {"mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist(),
+           "lengths": lengths.tolist()}
+    if record:
+        out["trajectories"] = traj
+    return out
+
+
+def policy_returns(run, env_id: str, episodes: int, phase: str | None, sample: bool, seed: int,
+                   progress: bool = True, record: bool = False) -> dict[str, Any]:
+    """Real-env returns of a run's policy (phase 'agent' or 'agent_bc')."""
+    from worldflow.runs import device_of
+    from worldflow.train_tokenizer import load_tokenizer
+
+    model, cfg, ph = load_agent_model(run, phase)
+    device = device_of(cfg)
+    model.to(device)
+    tok, _ = load_tokenizer(run, device)
+    agent = WorldModelAgent(tok, model, episodes, sample=sample, seed=seed)
+    res = run_episodes(env_id, cfg.data.size, episodes, agent.act, seed, progress, record=record)
+    res["phase"] = ph
+    return res
+
+
+def baseline_returns(env_id: str, size: int, episodes: int, kind: str, seed: int) -> dict[str, Any] | None:
+    """Returns of a scripted policy (random | expert | epsilon-expert); None when the env has no expert."""
+    from worldflow.envs.policies import make_policy
+    from worldflow.envs.wrappers import make_env
+
+    env = make_env(env_id, size=size)
+    if kind != "random" and not hasattr(env.unwrapped, "expert_action"):
+        env.close()
+        return None
+    policy = make_policy(kind, env, seed=seed)  # the expert reads its env's state, so one env, in turn
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, done = 0.0, False
+        while not done:
+            obs, r, term, trunc, _ = env.step(policy(obs))
+            total, done = total + float(r), term or trunc
+        returns.append(total)
+    env.close()
+    r = np.asarray(returns)
+    return {"mean": float(r.mean()), "std": float(r.std()), "returns": r.tolist()}
+
+
+def collect_with_policy(run, env_id: str, data, episodes: int, seed: int, progress: bool = True) -> None:
+    """Online loop: play ``episodes`` with the run's current policy and append them to the dataset."""
+    from worldflow.episodes import DatasetWriter, load_manifest, space_from_dict
+
+    m = load_manifest(data)
+    res = policy_returns(run, env_id, episodes, None, True, seed, progress, record=True)
+    writer = DatasetWriter(Path(data), m["env_id"], space_from_dict(m["action_space"]))
+    for t in res["trajectories"]:
+        writer.add_episode(np.stack(t["frames"]), np.asarray(t["actions"]),
+                           np.asarray(t["rewards"], np.float32), np.asarray(t["terminated"], bool),
+                           np.asarray(t["truncated"], bool), policy="agent")

@@ -1,0 +1,179 @@
+"""The world model as one object (tokenizer + dynamics + agent heads) and batched imagined rollouts.
+
+Agent features: the dynamics model's agent-token outputs (B, T, A, W) flattened to h (B, T, A·W).
+A state h_t is read off the *commit pass* of frame t (the frame fed at the context level τ_ctx, as every
+context frame is), so the heads see the same kind of input in behaviour cloning, in imagination and when
+acting in the real env. Time alignment follows worldflow.agent: the policy at h_t picks a_t, which enters
+the tokens of frame t+1; reward and continue of that transition are read off h_{t+1}.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+from torch import Tensor, nn
+
+from worldflow import flow
+from worldflow.agent import AgentHeads
+from worldflow.config import Config
+from worldflow.dynamics import RolloutStream, shift_actions
+
+
+def features(agent_out: Tensor) -> Tensor:
+    """Agent-token outputs (B, T, A, W) -> agent features h (B, T, A·W)."""
+    return agent_out.flatten(-2)
+
+
+def feature_dim(cfg: Config) -> int:
+    return cfg.dynamics.agent_tokens * cfg.dynamics.transformer.width
+
+
+class AgentModel(nn.Module):
+    """Dynamics model + agent heads, trained and checkpointed together in the agent phases."""
+
+    def __init__(self, cfg: Config, action_space: gym.Space):
+        super().__init__()
+        from worldflow.train_dynamics import build_dynamics
+
+        self.dynamics = build_dynamics(cfg, action_space)
+        self.heads = AgentHeads(feature_dim(cfg), action_space, cfg.agent, num_tasks=cfg.dynamics.num_tasks)
+
+    def context_features(self, latents: Tensor, actions: Any, action_mask: Tensor | None,
+                         generator: torch.Generator | None = None) -> Tensor:
+        """Features h (B, T, F) of clean latents (B, T, N, D) fed as context (level τ_ctx, as at inference).
+
+        actions are dataset-aligned (action t taken at frame t); they are shifted so frame t's tokens carry
+        a_{t-1} and h_t never sees a_t.
+        """
+        cfg = self.dynamics.cfg
+        b, t = latents.shape[:2]
+        if cfg.context_noise:
+            tau_val = flow.snap_tau(cfg.context_signal, cfg.k_max)
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device,
+                                dtype=latents.dtype)
+            z = flow.corrupt(latents, noise, torch.full((b, t), tau_val, device=latents.device))
+        else:
+            tau_val, z = 1.0 - 1.0 / cfg.k_max, latents
+        tau = torch.full((b, t), tau_val, device=latents.device)
+        d = torch.full((b, t), 1.0 / cfg.k_max, device=latents.device)
+        prev, prev_mask = shift_actions(actions, action_mask)
+        _, agent = self.dynamics(z, tau, d, prev, prev_mask)
+        return features(agent)
+
+
+@dataclass
+class Imagined:
+    """One batch of imagined trajectories (everything detached from the world model).
+
+    h (B, H+1, F) states h_0..h_H; actions (B, H, *E) policy action tensors a_0..a_{H-1};
+    rewards, continues (B, H): reward and continue probability of transition t -> t+1 (read off h_{t+1});
+    latents (B, H, N, D) the generated frames.
+    """
+
+    h: Tensor
+    actions: Tensor
+    rewards: Tensor
+    continues: Tensor
+    latents: Tensor
+
+
+@torch.no_grad()
+def imagine(model: AgentModel, context: dict[str, Tensor], horizon: int, steps: int,
+            generator: torch.Generator | None = None, sample: bool = True) -> Imagined:
+    """Roll the frozen world model forward from dataset contexts with actions from the policy head.
+
+    context: a clip batch with ``latents`` (B, C, N, D), dataset-aligned ``actions`` (B, C, ...) and
+    ``action_mask`` (B, C). The last context frame is state h_0. K = ``steps`` denoising steps per frame.
+    """
+    dyn, heads = model.dynamics, model.heads
+    lat = context["latents"]
+    b = lat.shape[0]
+    stream = RolloutStream(dyn, b, generator=generator)
+    prev, prev_mask = shift_actions(context["actions"], context["action_mask"])
+    h = [features(stream.observe(lat, prev, prev_mask))[:, -1]]
+    acts, frames = [], []
+    for _ in range(horizon):
+        dist = heads.policy(h[-1])
+        a = dist.sample(generator) if sample else dist.mode()
+        z, agent = stream.imagine(steps, policy_to_dynamics(heads, a)[:, None])
+        h.append(features(agent)[:, -1])
+        acts.append(a)
+        frames.append(z)
+    hs = torch.stack(h, dim=1)
+    nxt = hs[:, 1:]
+    return Imagined(h=hs, actions=torch.stack(acts, dim=1), rewards=heads.reward(nxt),
+                    continues=heads.continue_prob(nxt), latents=torch.cat(frames, dim=1))
+
+
+def policy_to_dynamics(heads: AgentHeads, a: Tensor) -> Tensor:
+    """Policy action tensor -> the action values the dynamics model embeds (the dataset's, i.e. env's)."""
+    space = heads.spec.space
+    if isinstance(space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
+        start = torch.as_tensor(getattr(space, "start", 0), device=a.device)
+        return a + start
+    return a
+
+
+def dataset_to_policy(heads: AgentHeads, actions: Tensor) -> Tensor:
+    """Dataset (env) action values -> policy action tensors (indices for integer spaces)."""
+    space = heads.spec.space
+    if isinstance(space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
+        start = torch.as_tensor(getattr(space, "start", 0), device=actions.device)
+        return (actions - start).long()
+    if isinstance(space, gym.spaces.MultiBinary):
+        return actions.long()
+    return actions.float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading a trained world model from a run directory
+
+AGENT_PHASES = ("agent", "agent_bc")  # imagination-trained first, then behaviour cloning only
+
+
+def record_dataset(run: str | Path, data: str | Path) -> None:
+    """Remember the dataset a run was trained on (env id, action space), for envs built from the run."""
+    from worldflow.episodes import load_manifest
+    from worldflow.io import atomic_write_text
+
+    m = load_manifest(data)
+    info = {"data": str(Path(data).resolve()), "env_id": m.get("env_id"), "action_space": m["action_space"],
+            "frame_size": m.get("frame_size")}
+    atomic_write_text(Path(run) / "dataset.json", json.dumps(info, indent=2))
+
+
+def run_dataset(run: str | Path) -> dict[str, Any]:
+    p = Path(run) / "dataset.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing: {run} is not a trained worldflow run directory")
+    return json.loads(p.read_text())
+
+
+def run_action_space(run: str | Path) -> gym.Space:
+    from worldflow.episodes import space_from_dict
+
+    return space_from_dict(run_dataset(run)["action_space"])
+
+
+def load_agent_model(run: str | Path, phase: str | None = None, device: torch.device | str = "cpu"
+                     ) -> tuple[AgentModel, Config, str]:
+    """The agent model of a run: phase 'agent' (imagination) if present, else 'agent_bc'."""
+    from worldflow.checkpoint import CheckpointError, latest_checkpoint, load_weights
+    from worldflow.runs import phase_config
+
+    phases = [phase] if phase else list(AGENT_PHASES)
+    for ph in phases:
+        d = latest_checkpoint(Path(run) / ph / "checkpoints")
+        if d is None:
+            continue
+        cfg = phase_config(run, ph)
+        model = AgentModel(cfg, run_action_space(run))
+        load_weights(model, d)
+        return model.to(device).eval().requires_grad_(False), cfg, ph
+    raise CheckpointError(f"run {run} has no agent checkpoint ({' or '.join(phases)}): "
+                          f"run `worldflow train agent --run {run} ...` first")

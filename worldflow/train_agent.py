@@ -1,0 +1,191 @@
+"""``worldflow train agent``: phase 2 (behaviour cloning + reward/continue model, dynamics loss kept on)
+and phase 3 (RL in imagination: λ-returns, two-hot value, PMPO against the frozen BC prior).
+
+Offline (default) trains from a fixed dataset. ``--online --env ID`` runs the Dreamer-style loop: act in
+the real env with the current policy, append the episodes to the dataset, fine-tune tokenizer, dynamics
+and agent, repeat (see :func:`online_loop`).
+
+Phases write ``<run>/agent_bc`` and ``<run>/agent``; each checkpoint holds dynamics + heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from worldflow.agent import (
+    bc_mtp_loss,
+    continue_loss,
+    frozen_prior,
+    lambda_returns,
+    pmpo_policy_loss,
+    value_loss,
+)
+from worldflow.checkpoint import load_weights
+from worldflow.clips import ClipBank
+from worldflow.config import Config, to_dict
+from worldflow.dynamics import dynamics_loss
+from worldflow.imagination import (
+    AgentModel,
+    dataset_to_policy,
+    imagine,
+    load_agent_model,
+    record_dataset,
+    run_action_space,
+)
+from worldflow.runs import device_of, phase_checkpoint, resolve_config, start_phase
+from worldflow.trainer import Trainer
+
+
+def _banks(run, data, cfg: Config, device, progress: bool) -> ClipBank:
+    from worldflow.train_dynamics import latent_bank
+    from worldflow.train_tokenizer import load_tokenizer
+
+    tok, _ = load_tokenizer(run, device)
+    return latent_bank(run, data, cfg, "train", tok, progress)
+
+
+def _sample(bank: ClipBank, batch: int, length: int, gen: torch.Generator, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in bank.sample(batch, length, gen).items()}
+
+
+def bc_losses(model: AgentModel, b: dict[str, torch.Tensor], cfg: Config, gen: torch.Generator
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Phase 2 loss on a clip batch: dynamics objective + BC/reward (multi-token) + continue."""
+    dyn_loss, terms = dynamics_loss(model.dynamics, b["latents"], b["actions"], b["action_mask"],
+                                    cfg.dynamics, gen)
+    h = model.context_features(b["latents"], b["actions"], b["action_mask"], gen)
+    heads = model.heads
+    acts = dataset_to_policy(heads, b["actions"])
+    # reward on arrival: h_t's reward target is r_{t-1}; frame 0 has none
+    rew = torch.cat([torch.zeros_like(b["rewards"][:, :1]), b["rewards"][:, :-1]], dim=1)
+    rew_mask = torch.cat([torch.zeros_like(b["action_mask"][:, :1]), b["action_mask"][:, :-1]], dim=1)
+    mtp = bc_mtp_loss(heads, h, acts, b["action_mask"], rew, reward_mask=rew_mask)
+    cont = continue_loss(heads.continue_logit(h[:, 1:]), b["terminated"][:, :-1], b["action_mask"][:, :-1])
+    loss = dyn_loss + mtp.loss + cont
+    return loss, {"dynamics": dyn_loss.detach(), "bc": mtp.bc.detach(), "reward": mtp.reward.detach(),
+                  "continue": cont.detach(), "flow": terms["flow"], "bootstrap": terms["bootstrap"]}
+
+
+def train_bc(cfg: Config, data, run, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Phase 2: start from the trained dynamics model, add heads, train BC + reward + dynamics."""
+    from worldflow.train_dynamics import PHASE as DYN
+
+    device = device_of(cfg)
+    start_phase(run, "agent_bc", cfg)
+    record_dataset(run, data)
+    bank = _banks(run, data, cfg, device, progress)
+    model = AgentModel(cfg, run_action_space(run)).to(device)
+    load_weights(model.dynamics, phase_checkpoint(run, DYN))
+    trainer = Trainer(model, cfg.train_bc, run, "agent_bc", to_dict(cfg), progress=progress)
+    batch_fn = lambda gen: _sample(bank, cfg.train_bc.batch, cfg.data.clip_len, gen, device)
+    return trainer.fit(batch_fn, lambda m, b, gen: bc_losses(m, b, cfg, gen), resume=resume)
+
+
+def rl_losses(model: AgentModel, prior, im, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Phase 3 loss on imagined trajectories: two-hot value loss on λ-returns + PMPO policy loss."""
+    heads, a = model.heads, cfg.agent
+    h = im.h
+    value_logits = heads.value_logits(h)  # (B, H+1, bins)
+    values = heads.value(h).detach()
+    returns = lambda_returns(im.rewards, im.continues, values, a.gamma, a.lam)
+    # states after a predicted termination do not count: weight = P(still alive at t)
+    alive = torch.cumprod(torch.cat([torch.ones_like(im.continues[:, :1]), im.continues[:, :-1]], 1), 1)
+    v_loss = value_loss(value_logits[:, :-1], returns, heads.bins, weights=alive)
+    adv = returns - values[:, :-1]
+    keep = alive > 0.5
+    p_loss = pmpo_policy_loss(heads, prior, h[:, :-1][keep], im.actions[keep], adv[keep],
+                              a.pmpo_alpha, a.pmpo_beta)
+    loss = v_loss + p_loss
+    return loss, {"value": v_loss.detach(), "policy": p_loss.detach(),
+                  "imagined_return": returns[:, 0].mean(), "imagined_reward": im.rewards.sum(1).mean(),
+                  "adv_pos_frac": (adv[keep] > 0).float().mean()}
+
+
+def train_imagination(cfg: Config, data, run, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Phase 3: the world model is frozen; policy and value heads train on imagined rollouts."""
+    device = device_of(cfg)
+    bc_model, bc_cfg, _ = load_agent_model(run, "agent_bc", device)
+    start_phase(run, "agent", cfg)
+    bank = _banks(run, data, cfg, device, progress)
+    model = AgentModel(bc_cfg, run_action_space(run)).to(device)
+    model.load_state_dict(bc_model.state_dict())
+    model.requires_grad_(False)
+    trainable = set(model.heads.rl_parameters()) if not cfg.agent.train_backbone else set(model.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    prior = frozen_prior(bc_model.heads)
+    trainer = Trainer(model, cfg.train_agent, run, "agent", to_dict(bc_cfg), progress=progress)
+    context = max(1, min(cfg.data.clip_len, bc_cfg.dynamics.context - 1))
+
+    def batch_fn(gen: torch.Generator):
+        ctx = _sample(bank, cfg.agent.imag_batch, context, gen, device)
+        return imagine(model, ctx, cfg.agent.horizon, bc_cfg.dynamics.steps, gen)
+
+    return trainer.fit(batch_fn, lambda m, im, gen: rl_losses(m, prior, im, cfg), resume=resume)
+
+
+def train_offline(cfg: Config, data, run, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    bc = train_bc(cfg, data, run, resume, progress)
+    rl = train_imagination(cfg, data, run, resume, progress)
+    return {"bc": bc, "agent": rl}
+
+
+def online_loop(cfg: Config, data, run, env_id: str, progress: bool = True) -> list[dict[str, Any]]:
+    """Dreamer-style loop: (act in the real env -> grow dataset -> fine-tune world model -> train agent).
+
+    Each iteration raises every phase's step budget by the configured amount and resumes from its latest
+    checkpoint, so the models keep learning on the growing dataset.
+    """
+    from worldflow import train_dynamics, train_tokenizer
+    from worldflow.agent_eval import collect_with_policy
+
+    on = cfg.online
+    history = []
+    for it in range(on.iterations):
+        seed = cfg.collect.seed + 10_000 * (it + 1)
+        collect_with_policy(run, env_id, data, on.episodes_per_iter, seed=seed, progress=progress)
+        for tc, extra in ((cfg.train_tokenizer, on.tokenizer_steps), (cfg.train_dynamics, on.dynamics_steps),
+                          (cfg.train_bc, on.bc_steps), (cfg.train_agent, on.agent_steps)):
+            tc.steps += extra
+            tc.max_minutes = 0.0
+        train_tokenizer.train(cfg, data, run, progress=progress)
+        train_dynamics.train(cfg, data, run, progress=progress)
+        history.append(train_offline(cfg, data, run, progress=progress))
+    return history
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    if args.online:
+        if not args.env:
+            raise SystemExit("worldflow train agent --online needs --env ID")
+        online_loop(cfg, args.data, args.run, args.env, progress=not args.no_progress)
+        return 0
+    if args.phase in ("bc", "all"):
+        s = train_bc(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
+        print(f"agent_bc: step {s['step']}, {s['minutes']:.1f} min, loss {s['train'].get('loss', 0):.4f}")
+    if args.phase in ("imagine", "all"):
+        s = train_imagination(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
+        print(f"agent: step {s['step']}, {s['minutes']:.1f} min, imagined return "
+              f"{s['train'].get('imagined_return', float('nan')):.3f}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from worldflow.cli import add_config_args
+
+    p = sub.add_parser("agent", help="train the agent: behaviour cloning, then RL in imagination",
+                       description=__doc__)
+    p.add_argument("--data", required=True, help="dataset directory (grown in place with --online)")
+    p.add_argument("--run", required=True, help="run directory with a trained tokenizer and dynamics model")
+    p.add_argument("--phase", choices=("bc", "imagine", "all"), default="all",
+                   help="bc: phase 2 only; imagine: phase 3 only (needs bc); all: both (default)")
+    p.add_argument("--online", action="store_true", help="Dreamer-style loop with a real env (needs --env)")
+    p.add_argument("--env", help="gymnasium env id for --online")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    add_config_args(p)
+    p.set_defaults(func=main)
