@@ -8,7 +8,9 @@ JSON keys (a public contract): ``psnr``, ``ssim`` (maps horizon -> mean), ``base
 ``shuffled_actions`` (each {"psnr": map, "ssim": map}), ``steps``, ``frames_per_second``, optional
 ``steps_sweep`` (map K -> mean PSNR over the requested horizons), ``lpips`` and ``fvd`` (null: absent
 unless their weights are configured locally), ``context``, ``clips``; ``--tokenizer-only`` writes
-``recon_psnr`` and ``recon_ssim``.
+``recon_psnr`` and ``recon_ssim``; ``--env ID --episodes N`` writes ``policy_return``, ``random_return``,
+``expert_return`` (where the env has an expert) and ``bc_return`` (where a BC policy exists), each the
+mean over the episodes.
 """
 
 from __future__ import annotations
@@ -179,6 +181,37 @@ def evaluate_tokenizer_run(run: str | Path, data: str | Path, clips: int, progre
             "clip_len": int(frames.shape[1])}
 
 
+def evaluate_agent_run(run: str | Path, env_id: str, episodes: int, seed: int = 12345, progress: bool = True
+                       ) -> dict[str, Any]:
+    """Real-env returns: the imagination-trained policy, behaviour cloning alone, random and expert.
+
+    Each ``*_return`` is the mean over ``episodes`` episodes with the stochastic policy (the policy that
+    was trained); ``*_return_mode`` repeats it acting with the policy's mode. The same env seeds are used
+    for every policy.
+    """
+    from worldflow.agent_eval import baseline_returns, policy_returns
+    from worldflow.checkpoint import latest_checkpoint
+    from worldflow.runs import phase_config
+
+    cfg = phase_config(run, "agent_bc")
+    res: dict[str, Any] = {"env": env_id, "episodes": episodes, "seed": seed}
+    phases = [p for p in ("agent", "agent_bc") if latest_checkpoint(Path(run) / p / "checkpoints")]
+    for phase in phases:
+        key = "policy" if phase == "agent" else "bc"
+        for mode, sample in (("", True), ("_mode", False)):
+            r = policy_returns(run, env_id, episodes, phase, sample, seed, progress)
+            res[f"{key}_return{mode}"] = r["mean"]
+            res[f"{key}_return{mode}_std"] = r["std"]
+    if "policy_return" not in res and "bc_return" in res:
+        res["policy_return"] = res["bc_return"]  # no imagination phase: the BC policy is the policy
+    for kind in ("random", "expert"):
+        r = baseline_returns(env_id, cfg.data.size, episodes, kind, seed)
+        if r is not None:
+            res[f"{kind}_return"] = r["mean"]
+            res[f"{kind}_return_std"] = r["std"]
+    return res
+
+
 def _ints(s: str) -> list[int]:
     try:
         return [int(x) for x in s.split(",") if x.strip()]
@@ -191,6 +224,8 @@ def main(args: argparse.Namespace) -> int:
     media = out.parent / (out.stem + "_media")
     if args.tokenizer_only:
         res = evaluate_tokenizer_run(args.run, args.data, args.clips, progress=not args.no_progress)
+    elif args.env:
+        res = evaluate_agent_run(args.run, args.env, args.episodes, args.seed, progress=not args.no_progress)
     else:
         if args.data is None:
             raise SystemExit("worldflow eval: --data is required for rollout evaluation")
@@ -214,6 +249,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also score these K, e.g. 1,2,4,8,16,32,64")
     p.add_argument("--clips", type=int, default=32, help="held-out clips to score")
     p.add_argument("--tokenizer-only", action="store_true", help="only tokenizer reconstruction PSNR/SSIM")
+    p.add_argument("--env", help="evaluate the agent in this real env (policy/bc/random/expert return)")
+    p.add_argument("--episodes", type=int, default=20, help="real-env episodes per policy (with --env)")
+    p.add_argument("--seed", type=int, default=12345, help="first env seed (with --env)")
     p.add_argument("--out", help="JSON file to write (default <run>/eval.json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
