@@ -41,7 +41,8 @@ def test_eval_rollout_schema(tiny_run, tiny_data, tmp_path):
     assert set(res["steps_sweep"]) == {"1", "2"}
     assert res["lpips"] is None and res["fvd"] is None  # absent, never faked
     media = tmp_path / "eval_media"
-    for name in ("rollout.mp4", "rollout.gif", "psnr_vs_horizon.png", "ssim_vs_horizon.png", "psnr_vs_steps.png"):
+    for name in ("rollout.mp4", "rollout.gif", "psnr_vs_horizon.png", "ssim_vs_horizon.png",
+                 "psnr_vs_steps.png"):
         assert (media / name).exists(), name
 
 
@@ -79,7 +80,7 @@ def test_help_of_every_command(capsys):
 
 def test_bad_override_is_a_named_error(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["train", "tokenizer", "--config", "tiny", "--data", str(tiny_data), "--run", str(tmp_path / "r"),
-              "tokenizer.nosuch=1"])
+        main(["train", "tokenizer", "--config", "tiny", "--data", str(tiny_data),
+              "--run", str(tmp_path / "r"), "tokenizer.nosuch=1"])
     assert e.value.code == 2
     assert "tokenizer.nosuch" in capsys.readouterr().err
