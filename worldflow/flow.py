@@ -170,10 +170,19 @@ def _frame_mse(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).flatten(2).mean(-1)
 
 
+def randn(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """N(0, I) noise drawn on the generator's device (a CPU generator can't fill CUDA tensors), then moved."""
+    src = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=src, dtype=dtype).to(device)
+
+
 def _noise(z1: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    if noise is not None:
-        return noise
-    return torch.randn(z1.shape, generator=generator, device=z1.device, dtype=z1.dtype)
+    return noise if noise is not None else randn(z1.shape, generator, z1.device, z1.dtype)
 
 
 @torch.no_grad()
@@ -348,5 +357,5 @@ def sample(
     **cond,
 ) -> Tensor:
     """Draw z0 ~ N(0, I) of ``shape`` and :func:`denoise` it in ``steps`` steps; returns ``shape``."""
-    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    z = randn(shape, generator, device, dtype)
     return denoise(model_fn, z, steps, k_max, lead, **cond)
