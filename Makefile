@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/worldflow demo --run $(RUN)
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run --out docs/benchmarks.json
+	$(BIN)/python -m benchmarks.run --out benchmarks/results.json $(if $(wildcard $(RUN)/agent),--run $(RUN),)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -19,7 +19,7 @@ _COMMANDS = {
     "eval": "worldflow.evaluate",
     "rollout": "worldflow.rollout_cli",
     "demo": "worldflow.demo",
-    "bench": "worldflow.bench_cli",
+    "bench": "worldflow.bench",
 }
 _TRAIN = {
     "tokenizer": "worldflow.train_tokenizer",

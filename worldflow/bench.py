@@ -1,0 +1,232 @@
+"""Benchmarks (``worldflow bench`` / ``make bench``): throughput measured as ratios within one run.
+
+- matmul peak: achieved FLOP/s of a large fp32 matmul on this machine, now;
+- training throughput of tokenizer and dynamics per preset: tokens/s and achieved FLOP/s (counted with
+  torch.utils.flop_counter on one step) as a fraction of the matmul peak;
+- rollout frames/s versus horizon with and without the KV cache, and the per-frame cost at a long
+  horizon over a short one (constant with the cache, growing without);
+- imagination steps/s of WorldModelVectorEnv at several batch sizes (when a trained run is given).
+
+Models are randomly initialised: speed does not depend on the weights. Nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from worldflow.config import Config, load_config
+
+
+def _timeit(fn: Callable[[], Any], min_time: float = 1.0, warmup: int = 1, max_iters: int = 1000) -> float:
+    """Seconds per call (median-free mean over as many calls as fit in ``min_time``)."""
+    for _ in range(warmup):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while n < max_iters:
+        fn()
+        n += 1
+        if time.perf_counter() - t0 >= min_time:
+            break
+    return (time.perf_counter() - t0) / n
+
+
+def matmul_peak(size: int = 1024, min_time: float = 2.0) -> float:
+    """Achieved FLOP/s of a (size x size) @ (size x size) fp32 matmul."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    sec = _timeit(lambda: a @ b, min_time)
+    return 2 * size**3 / sec
+
+
+def _count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def _bench_config(preset: str) -> Config:
+    cfg = load_config(preset)
+    cfg.device = "cpu"
+    return cfg
+
+
+def tokenizer_throughput(preset: str, batch: int, frames: int, min_time: float) -> dict[str, float]:
+    """One AdamW training step of the tokenizer on random frames: tokens/s and FLOP/s."""
+    from worldflow.train_tokenizer import TokenizerTraining
+
+    cfg = _bench_config(preset)
+    model = TokenizerTraining(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 256, (batch, frames, cfg.data.size, cfg.data.size, 3), dtype=torch.uint8)
+
+    def step():
+        loss, _ = model(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    tok = model.tokenizer
+    tokens = batch * frames * 2 * (tok.num_patches + cfg.tokenizer.latent_tokens)  # encoder + decoder
+    return _throughput(step, tokens, min_time, sum(p.numel() for p in model.parameters()))
+
+
+def dynamics_throughput(preset: str, batch: int, frames: int, min_time: float) -> dict[str, float]:
+    """One AdamW training step of the dynamics model (shortcut forcing) on random latents."""
+    from worldflow.dynamics import dynamics_loss
+    from worldflow.train_dynamics import build_dynamics
+
+    cfg = _bench_config(preset)
+    space = gym.spaces.Discrete(3)
+    model = build_dynamics(cfg, space)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.rand(batch, frames, cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim) * 2 - 1
+    acts = torch.randint(0, 3, (batch, frames))
+    mask = torch.ones(batch, frames, dtype=torch.bool)
+
+    def step():
+        loss, _ = dynamics_loss(model, z, acts, mask, cfg.dynamics, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    tokens = batch * frames * model.tokens_per_frame
+    return _throughput(step, tokens, min_time, sum(p.numel() for p in model.parameters()))
+
+
+def _throughput(step: Callable[[], None], tokens: int, min_time: float, params: int) -> dict[str, float]:
+    flops = _count_flops(step)  # also the warm-up call
+    sec = _timeit(step, min_time, warmup=0, max_iters=50)
+    return {"params": params, "tokens_per_step": tokens, "sec_per_step": sec, "tokens_per_s": tokens / sec,
+            "flop_per_step": flops, "flop_per_s": flops / sec}
+
+
+def rollout_speed(preset: str, horizons: list[int], steps: int, use_cache: bool, batch: int = 1
+                  ) -> dict[int, float]:
+    """Frames/s of an autoregressive rollout of ``h`` frames (after 1 context frame) for each horizon."""
+    from worldflow.dynamics import rollout
+    from worldflow.train_dynamics import build_dynamics
+
+    cfg = _bench_config(preset)
+    model = build_dynamics(cfg, gym.spaces.Discrete(3)).eval()
+    n, dim = cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim
+    out = {}
+    for h in horizons:
+        ctx = torch.zeros(batch, 1, n, dim)
+        acts = torch.zeros(batch, 1 + h, dtype=torch.long)
+        t0 = time.perf_counter()
+        rollout(model, ctx, acts, h, steps, use_cache=use_cache)
+        out[h] = batch * h / (time.perf_counter() - t0)
+    return out
+
+
+def vector_env_speed(run: str, num_envs: list[int], steps: int, n_steps: int = 20) -> dict[int, float]:
+    """Imagination steps/s (sub-env steps per second) of WorldModelVectorEnv built from a trained run."""
+    from worldflow.wm_env import WorldModelVectorEnv
+
+    out = {}
+    for n in num_envs:
+        env = WorldModelVectorEnv(run, num_envs=n, steps=steps)
+        env.reset(seed=0)
+        acts = env.action_space.sample()
+        env.step(acts)
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            env.step(acts)
+        out[n] = n * n_steps / (time.perf_counter() - t0)
+        env.close()
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def run_all(presets: list[str], run: str | None, quick: bool = False) -> dict[str, Any]:
+    mt = 0.5 if quick else 3.0
+    res: dict[str, Any] = {"machine": machine(), "matmul_peak_flop_per_s": matmul_peak(min_time=mt)}
+    # CPU-sized batches; the base preset is measured at batch 1 (one step already takes seconds)
+    shapes = {"tiny": (8, 8), "small": (4, 4), "base": (1, 2)}
+    for what, fn in (("tokenizer", tokenizer_throughput), ("dynamics", dynamics_throughput)):
+        res[what] = {}
+        for p in presets:
+            b, t = shapes.get(p, (2, 4))
+            r = fn(p, b, t, mt)
+            r["batch"], r["frames"] = b, t
+            r["fraction_of_matmul_peak"] = r["flop_per_s"] / res["matmul_peak_flop_per_s"]
+            res[what][p] = r
+    horizons = [16, 64] if quick else [16, 64, 256]
+    rp = "tiny" if quick else "small"
+    res["rollout"] = {"preset": rp, "steps": 4,
+                      "cache": rollout_speed(rp, horizons, 4, True),
+                      "no_cache": rollout_speed(rp, horizons, 4, False)}
+    long, short = max(horizons), min(horizons)
+    for k in ("cache", "no_cache"):
+        fps = res["rollout"][k]
+        res["rollout"][f"{k}_per_frame_cost_ratio_{long}_over_{short}"] = fps[short] / fps[long]
+    if run:
+        res["vector_env"] = {"run": str(run), "steps": 4,
+                             "steps_per_s": vector_env_speed(run, [1, 8] if quick else [1, 8, 64], 4)}
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The Markdown tables for docs/benchmarks.md."""
+    m = res["machine"]
+    peak = res["matmul_peak_flop_per_s"]
+    lines = [f"Measured {m['date']} on {m['processor']} ({m['threads']} threads), torch {m['torch']}, "
+             f"{m['platform']}. Matmul peak (fp32 1024², same run): {peak / 1e9:.1f} GFLOP/s.", ""]
+    lines += ["| model | preset | params | batch×frames | tokens/s | GFLOP/s | share of matmul peak |",
+              "|---|---|---|---|---|---|---|"]
+    for what in ("tokenizer", "dynamics"):
+        for p, r in res[what].items():
+            lines.append(f"| {what} | {p} | {r['params'] / 1e6:.2f}M | {r['batch']}×{r['frames']} | "
+                         f"{r['tokens_per_s']:.0f} | {r['flop_per_s'] / 1e9:.1f} | "
+                         f"{r['fraction_of_matmul_peak']:.0%} |")
+    ro = res["rollout"]
+    lines += ["", f"Rollout ({ro['preset']} preset, K={ro['steps']}, batch 1), frames/s:", "",
+              "| horizon | with cache | full recompute |", "|---|---|---|"]
+    for h in ro["cache"]:
+        lines.append(f"| {h} | {ro['cache'][h]:.1f} | {ro['no_cache'][h]:.1f} |")
+    for k, v in ro.items():
+        if "ratio" in k:
+            lines.append(f"\n{k.replace('_', ' ')}: {v:.2f}")
+    if "vector_env" in res:
+        lines += ["", "WorldModelVectorEnv imagination steps/s (K=4):", "", "| envs | steps/s |", "|---|---|"]
+        for n, v in res["vector_env"]["steps_per_s"].items():
+            lines.append(f"| {n} | {v:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> int:
+    from worldflow.io import atomic_write_text
+
+    res = run_all(args.presets.split(","), args.run, quick=args.quick)
+    out = Path(args.out)
+    atomic_write_text(out, json.dumps(res, indent=2))
+    md = markdown(res)
+    atomic_write_text(out.with_suffix(".md"), md)
+    print(md)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure training/rollout/imagination throughput", description=__doc__)
+    p.add_argument("--presets", default="tiny,small,base", help="comma-separated presets")
+    p.add_argument("--run", default=None, help="a trained run for the WorldModelVectorEnv benchmark")
+    p.add_argument("--quick", action="store_true", help="short timings (smoke run)")
+    p.add_argument("--out", default="benchmarks/results.json", help="JSON (a .md is written beside)")
+    p.set_defaults(func=main)
