@@ -29,6 +29,8 @@ __all__ = [
     "swiglu_hidden",
     "rope_angles",
     "apply_rope",
+    "rope_tables",
+    "rotate",
     "softcap_logits",
     "attend",
     "Attention",
@@ -104,14 +106,28 @@ def rope_angles(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Ten
     return ang.cos().float(), ang.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` (..., L, dim) by the tables (L, dim // 2) (any broadcastable leading dims).
+def rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Half tables (L, dim/2) -> full-width tables (L, dim) for :func:`rotate`: C = [cos, cos],
+    S = [-sin, sin]."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
-    Half-split convention (GPT-NeoX): pairs are ``(x[i], x[i + dim/2])``.
+
+def rotate(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+    """RoPE with full-width tables from :func:`rope_tables`: ``x * C + roll(x, dim/2) * S``.
+
+    Same result as :func:`apply_rope` in four elementwise ops (no split/concat of x); the tables must
+    broadcast against x (e.g. (L, 1, dim) for x laid out (N, L, heads, dim)).
     """
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return x * c.to(x.dtype) + x.roll(x.shape[-1] // 2, dims=-1) * s.to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (..., L, dim) by the tables (L, dim // 2) from :func:`rope_angles`.
+
+    Half-split convention (GPT-NeoX): dimension i is paired with i + dim/2, i.e.
+    ``[x1 cos - x2 sin, x1 sin + x2 cos]`` for ``x = [x1, x2]``.
+    """
+    return rotate(x, *rope_tables(cos, sin))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,15 +155,23 @@ def _attend_explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, softc
     b, h, lq, hd = q.shape
     hkv = k.shape[1]
     g = h // hkv
-    q5 = q.view(b, hkv, g, lq, hd)
-    logits = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * (hd**-0.5)  # (B, Hkv, G, Lq, Lk)
-    logits = softcap_logits(logits.float(), softcap)
+    # Fold the 1/sqrt(hd) (and 1/cap) scale into q: q is smaller than the (Lq, Lk) logits.
+    q5 = q.reshape(b, hkv, g, lq, hd) * (hd**-0.5 / (softcap if softcap > 0 else 1.0))
+    logits = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)).float()  # (B, Hkv, G, Lq, Lk)
+    if softcap > 0:
+        logits = torch.tanh(logits)
+    bias = None
     if mask is not None:
         m = _as4d(mask)
         m = m.reshape(m.shape[0], hkv, g, *m.shape[2:]) if m.shape[1] == h and h > 1 else m.unsqueeze(2)
-        logits = logits.masked_fill(~m, float("-inf"))
+        bias = torch.zeros(m.shape, dtype=logits.dtype, device=m.device).masked_fill_(~m, float("-inf"))
+    cap = softcap if softcap > 0 else 1.0
+    if bias is not None:  # one op for both "* cap" and "+ mask bias"
+        logits = torch.add(bias, logits, alpha=cap)
+    elif softcap > 0:
+        logits = logits * cap
     probs = logits.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v.unsqueeze(2)).view(b, h, lq, hd)
+    return torch.matmul(probs, v.unsqueeze(2)).reshape(b, h, lq, hd)
 
 
 def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -239,19 +263,29 @@ class Attention(nn.Module):
         self.softcap, self.backend = cfg.softcap, cfg.backend
         self.qkv = nn.Linear(cfg.width, (cfg.heads + 2 * cfg.kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(cfg.width, cfg.width, bias=False)
-        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # their gains are applied fused in project()
+            self.q_norm = RMSNorm(self.head_dim)
+            self.k_norm = RMSNorm(self.head_dim)
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (N, L, D) -> q (N, H, L, hd), k and v (N, Hkv, L, hd); q and k normed and rotated."""
-        hd = self.head_dim
-        q, k, v = self.qkv(x).split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
-        q = rearrange(q, "n l (h d) -> n h l d", d=hd)
-        k = rearrange(k, "n l (h d) -> n h l d", d=hd)
-        v = rearrange(v, "n l (h d) -> n h l d", d=hd)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
-        return q, k, v
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, L, D), rope = full tables (L, 1, hd) from :func:`rope_tables` ->
+        q (N, H, L, hd), k and v (N, Hkv, L, hd); q and k RMS-normed per head and rotated.
+
+        q and k are normed and rotated together (one set of elementwise ops instead of two).
+        """
+        n, length, _ = x.shape
+        hq = self.heads + self.kv_heads
+        qkv = self.qkv(x).view(n, length, hq + self.kv_heads, self.head_dim)
+        qk, v = qkv.split([hq, self.kv_heads], dim=2)
+        if self.qk_norm:
+            w = torch.cat((self.q_norm.weight.expand(self.heads, -1),
+                           self.k_norm.weight.expand(self.kv_heads, -1)))
+            qkf = qk.float()
+            qk = (qkf * torch.rsqrt(qkf.pow(2).mean(-1, keepdim=True) + self.q_norm.eps)).to(qk.dtype) * w
+        qk = rotate(qk, *rope)
+        q, k = qk.split([self.heads, self.kv_heads], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attend_out(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Attention over given (possibly cache-extended) k/v, then output projection -> (N, L, D)."""
@@ -259,8 +293,10 @@ class Attention(nn.Module):
         return self.out(rearrange(o, "n h l d -> n l (h d)"))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Self-attention: x (N, L, D), cos/sin (L, hd/2), mask (L, L) or broadcastable -> (N, L, D)."""
-        q, k, v = self.project(x, cos, sin)
+        """Self-attention: x (N, L, D), cos/sin (L, hd/2) from :func:`rope_angles`, mask (L, L) or
+        broadcastable -> (N, L, D)."""
+        c, s = rope_tables(cos, sin)
+        q, k, v = self.project(x, (c[:, None], s[:, None]))
         return self.attend_out(q, k, v, mask)
 
 
@@ -333,6 +369,35 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def copy_rows_from(self, rows: list[int] | Tensor, other: KVCache) -> None:
+        """Overwrite batch rows ``rows`` with ``other``'s rows: row j of ``other`` -> row ``rows[j]``.
+
+        Restarts some sequences of a batched stream: run their new context through a ``len(rows)``-row
+        cache aligned to this cache's frame index, then copy. One ``length`` / ``next_t`` is shared by all
+        rows and keys are stored rotated at their absolute frame index, so both caches must hold the same
+        frame slots: equal window, layout, ``length`` and ``next_t`` (ValueError otherwise).
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long).flatten()
+        if other.batch != len(rows):
+            raise ValueError(f"other cache has {other.batch} rows, asked to copy into {len(rows)}")
+        ids = rows.tolist()
+        if len(set(ids)) < len(ids) or any(not 0 <= r < self.batch for r in ids):
+            raise ValueError(f"rows {rows.tolist()} must be distinct indices in [0, {self.batch})")
+        for name in ("window", "layers", "kv_heads", "head_dim", "length", "next_t"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                raise ValueError(f"caches disagree on {name}: {mine} != {theirs} (align the streams first)")
+        if other.tokens is None:
+            raise ValueError("the source cache was never written")
+        if self.tokens is None:
+            self._ensure(other.tokens, other.k[0] if other.k else torch.empty(0))
+        elif self.tokens != other.tokens:
+            raise ValueError(f"caches disagree on tokens per frame: {self.tokens} != {other.tokens}")
+        # Buffers are (batch * tokens, ...), batch-major: row r owns entries r*tokens .. (r+1)*tokens - 1.
+        idx = (rows[:, None] * self.tokens + torch.arange(self.tokens)).flatten()
+        for mine, theirs in zip(self.k + self.v, other.k + other.v):
+            mine.index_copy_(0, idx.to(mine.device), theirs.to(mine.device, mine.dtype))
+
 
 def temporal_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
     """Banded causal mask (Lq, Lk): query frame t sees key frames t - window + 1 .. t (all if None)."""
@@ -376,7 +441,8 @@ class SpaceTimeBlock(nn.Module):
         """x (B, T, S, D) -> (B, T, S, D)."""
         b, t, s, _ = x.shape
         h = rearrange(self.norm_s(x), "b t s d -> (b t) s d")
-        h = self.attn_s(h, *sp_rope, sp_mask)
+        q, k, v = self.attn_s.project(h, sp_rope)
+        h = self.attn_s.attend_out(q, k, v, sp_mask)
         x = x + self.drop(rearrange(h, "(b t) s d -> b t s d", b=b))
         if self.temporal:
             x = x + self.drop(self._temporal(x, t_rope, t_mask, cache, cache_layer, commit))
@@ -394,7 +460,7 @@ class SpaceTimeBlock(nn.Module):
         """Causal attention of every token position over its own history: (B, T, S, D) -> same."""
         b, t, s, _ = x.shape
         h = rearrange(self.norm_t(x), "b t s d -> (b s) t d")
-        q, k, v = self.attn_t.project(h, *t_rope)
+        q, k, v = self.attn_t.project(h, t_rope)
         if cache is not None:
             ck, cv = cache.get(cache_layer)
             k, v = torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
@@ -486,10 +552,12 @@ class SpaceTimeTransformer(nn.Module):
             raise ValueError(f"window must be >= 1 frame, got {window}")
 
         hd, base = self.head_dim, self.cfg.rope_base
-        sp_rope = rope_angles(torch.arange(s, device=dev), hd, base)
+        c, sn = rope_tables(*rope_angles(torch.arange(s, device=dev), hd, base))
+        sp_rope = (c[:, None], sn[:, None])  # (S, 1, hd): broadcast over heads
         q_pos = torch.arange(t0, t0 + t, device=dev)
         k_pos = q_pos if cache is None else torch.cat((cache.positions(dev), q_pos))
-        t_rope = rope_angles(q_pos, hd, base)
+        c, sn = rope_tables(*rope_angles(q_pos, hd, base))
+        t_rope = (c[:, None], sn[:, None])
         t_mask = temporal_mask(q_pos, k_pos, window)
         if spatial_mask is not None and spatial_mask.shape != (s, s):
             raise ValueError(f"spatial_mask must be ({s}, {s}), got {tuple(spatial_mask.shape)}")
