@@ -8,8 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY = ["data.size=16", "collect.episodes=8"]
+
+# Tiny models gain nothing from intra-op threads; on a busy 2-core machine extra threads only spin
+# (measured 10-25x slower steps). One thread for the whole test session.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -21,13 +21,6 @@ from worldflow.dynamics import (
 N, D = 4, 3  # latent tokens, latent dim
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared CPU extra threads only spin (10× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_cfg(**kw) -> DynamicsConfig:

@@ -14,13 +14,6 @@ from worldflow.tokenizer import CausalTokenizer, RunningRMS, TokenizerLoss
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add sync overhead (and thrash on a shared, busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_cfg(**kw):

@@ -74,6 +74,7 @@ class TokenizerConfig:
     lpips_weight: float = 0.2
     lpips_path: str = ""  # local LPIPS weights; empty = LPIPS off (nothing downloads)
     rms_decay: float = 0.99  # running RMS estimate for loss normalisation
+    clip_len: int = 0  # frames per tokenizer training clip (0 = data.clip_len); short clips train faster
     context: int = 16  # temporal attention window in frames (whole-clip and streaming alike)
 
 

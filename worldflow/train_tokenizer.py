@@ -73,12 +73,13 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     device = device_of(cfg)
     train_bank = ClipBank.load(data, cfg.data, split="train", progress=progress)
     held = ClipBank.load(data, cfg.data, split="heldout", progress=progress)
+    clip_len = cfg.tokenizer.clip_len or cfg.data.clip_len
     eval_frames = held.fixed_clips(n=32, clip_len=cfg.data.clip_len).to(device)
     model = TokenizerTraining(cfg).to(device)
     trainer = Trainer(model, cfg.train_tokenizer, run, PHASE, to_dict(cfg), progress=progress)
 
     def batch_fn(gen: torch.Generator) -> torch.Tensor:
-        return train_bank.sample(cfg.train_tokenizer.batch, cfg.data.clip_len, gen)["frames"].to(device)
+        return train_bank.sample(cfg.train_tokenizer.batch, clip_len, gen)["frames"].to(device)
 
     def loss_fn(m: TokenizerTraining, frames: torch.Tensor, gen: torch.Generator):
         return m(frames, gen)
