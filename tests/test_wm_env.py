@@ -1,0 +1,312 @@
+"""The world model as gymnasium envs (worldflow.wm_env) on the session's tiny trained run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from worldflow.config import TransformerConfig
+from worldflow.dynamics import RolloutStream
+from worldflow.nn import SpaceTimeTransformer
+from worldflow.wm_env import ENV_ID, RowNoiseStream, WorldModelEnv, WorldModelVectorEnv
+
+
+def make_env(run, **kw) -> WorldModelEnv:
+    return WorldModelEnv(run, steps=kw.pop("steps", 2), **kw)
+
+
+def end_often(env) -> None:
+    """Make episodes end at varied times: the tiny run's continue head hovers near 0.5 and never ends one.
+
+    The replacement is a deterministic pseudo-random function of h_{t+1} (~15% of steps end), so batched
+    and single envs still agree whenever their states agree.
+    """
+    def continue_prob(h, task=None):
+        return ((h.sum(-1) * 100).frac().abs() > 0.15).float()
+
+    env.unwrapped.world_model.heads.continue_prob = continue_prob
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache rows and the row-noise stream
+
+
+def test_copy_rows_from_restarts_one_sequence():
+    """Replacing row 1 of a batched cache with a row-stream aligned to the same frame index equals
+    having streamed that row's sequence there all along."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(width=16, depth=2, heads=2, kv_heads=1, temporal_every=1)
+    net = SpaceTimeTransformer(cfg).eval()
+    window, s = 3, 2
+    a, b = torch.randn(3, 6, s, 16), torch.randn(1, 6, s, 16)
+    with torch.no_grad():
+        batched = net.new_cache(3, window)
+        net(a[:, :4], cache=batched)  # frames 0..3
+        row = net.new_cache(1, window)
+        net(b[:, :4], cache=row, t0=2)  # frames 2..5 of another sequence, ending at the same index
+        with pytest.raises(ValueError, match="next_t"):
+            batched.copy_rows_from([1], row)
+        row = net.new_cache(1, window)
+        net(b[:, 2:4], cache=row, t0=2)  # 2 frames fill the window - 1 = 2 slots, ending at frame 3
+        batched.copy_rows_from([1], row)
+        out = net(torch.cat([a[:1, 4:5], b[:, 4:5], a[2:, 4:5]]), cache=batched)
+        ref_a = net(a[:, :5], window=window)[:, -1]  # full recompute of the untouched rows
+        ref_b = net(b[:, 2:5], window=window)[:, -1]  # row 1's sequence alone (RoPE is relative)
+    torch.testing.assert_close(out[[0, 2], 0], ref_a[[0, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, 0], ref_b[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="distinct"):
+        batched.copy_rows_from([5], row)
+
+
+def test_row_noise_stream_matches_rollout_stream(tiny_run):
+    """One row of RowNoiseStream is RolloutStream with that generator, bit for bit."""
+    env = make_env(tiny_run)
+    dyn = env.world_model.dynamics
+    lat = torch.randn(1, 3, dyn.latent_tokens, dyn.latent_dim).tanh()
+    acts = torch.tensor([[0, 1, 2]])
+    outs = []
+    for cls in (RolloutStream, RowNoiseStream):
+        g = torch.Generator().manual_seed(3)
+        stream = RolloutStream(dyn, 1, generator=g) if cls is RolloutStream else RowNoiseStream(dyn, [g])
+        with torch.no_grad():
+            agent = stream.observe(lat, acts)
+            z, agent2 = stream.imagine(2, torch.tensor([[1]]))
+        outs.append((agent, z, agent2, stream.t))
+    for x, y in zip(*outs):
+        assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Single env
+
+
+def test_env_checker_and_make(tiny_run):
+    check_env(gymnasium.make(ENV_ID, run=tiny_run, steps=2, horizon=5).unwrapped)
+    made = gymnasium.make(ENV_ID, run=tiny_run, steps=2, horizon=3)
+    assert isinstance(made.unwrapped, WorldModelEnv)
+    obs, info = made.reset(seed=0)
+    assert obs.shape == (16, 16, 3) and obs.dtype == np.uint8 and made.observation_space.contains(obs)
+    assert {"context_episode", "context_start"} <= info.keys()
+    for t in range(3):
+        obs, reward, terminated, truncated, info = made.step(made.action_space.sample())
+        assert isinstance(reward, float) and 0.0 <= info["continue_prob"] <= 1.0
+        assert truncated == (t == 2)
+    frame = made.render()
+    assert np.array_equal(frame, obs)
+    made.close()
+
+
+def test_registered_lazily_by_worldflow_envs():
+    """``import worldflow.envs`` registers the id without importing the world-model stack."""
+    code = ("import sys, gymnasium, worldflow.envs; spec = gymnasium.spec('worldflow/WorldModel-v0'); "
+            "assert spec.entry_point == 'worldflow.wm_env:WorldModelEnv', spec; "
+            "assert spec.vector_entry_point == 'worldflow.wm_env:WorldModelVectorEnv', spec; "
+            "assert 'worldflow.wm_env' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    spec = gymnasium.spec(ENV_ID)  # and worldflow.wm_env registers the same spec
+    assert spec.entry_point == "worldflow.wm_env:WorldModelEnv"
+    assert spec.vector_entry_point == "worldflow.wm_env:WorldModelVectorEnv"
+
+
+def test_bad_actions_raise_clear_errors(tiny_run):
+    env = make_env(tiny_run)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"Discrete\(3\).*out of range"):
+        env.step(3)
+    with pytest.raises(ValueError, match="wrong shape"):
+        env.step([0, 1])
+    with pytest.raises(ValueError, match="wrong type"):
+        env.step(0.5)
+    venv = WorldModelVectorEnv(tiny_run, num_envs=2, steps=2)
+    venv.reset(seed=0)
+    with pytest.raises(ValueError, match="out of range"):
+        venv.step(np.array([0, -1]))
+    with pytest.raises(ValueError, match="expected 2"):
+        venv.step(np.array([0, 1, 2]))
+
+
+def test_seeds_give_same_and_different_frames(tiny_run):
+    def frames(seed, env):
+        out = [env.reset(seed=seed)[0]]
+        out += [env.step(a)[0] for a in (0, 1, 2, 1)]
+        return np.stack(out)
+
+    a, b = make_env(tiny_run), make_env(tiny_run)
+    f0 = frames(0, a)
+    assert np.array_equal(f0, frames(0, b))
+    assert np.array_equal(f0, frames(0, a))  # reseeding the same env replays it
+    f1 = frames(1, a)
+    assert not np.array_equal(f0[1:], f1[1:])
+    # same context, different noise: the diffusion noise follows the seed, not just the context choice
+    lat = torch.load(next((tiny_run / "dynamics").glob("latents_train_*.pt")))["episodes"][0]["latents"][:3]
+    first = [env.reset(seed=s, options={"context_latents": lat})[0] for env, s in ((a, 0), (b, 1))]
+    assert np.array_equal(*first)  # the decoded context does not depend on the noise
+    assert not np.array_equal(a.step(1)[0], b.step(1)[0])
+
+
+def test_long_episode_memory_is_flat(tiny_run):
+    """2,000 imagined steps (K=1): fixed-size caches, no history, bounded Python and process memory."""
+    env = make_env(tiny_run, steps=1)
+    env.reset(seed=0)
+    stream, dec = env.stream, env.decode_cache
+    for _ in range(100):
+        env.step(1)
+    sizes = (stream.cache.nbytes(), dec.nbytes(), stream.cache.length, dec.length)
+    rss0 = _rss()
+    for i in range(1500):
+        env.step(i % 3)
+    tracemalloc.start()  # only over the last stretch: tracing slows every allocation down
+    for i in range(400):
+        env.step(i % 3)
+    traced, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert (stream.cache.nbytes(), dec.nbytes(), stream.cache.length, dec.length) == sizes
+    assert stream.history == [] and stream.t == dec.next_t == 3 + 2000
+    # ~7 kB of allocator noise; keeping one small tensor per step would show as ~80 kB
+    assert traced < 48 << 10, f"{traced} bytes of Python objects accumulated over 400 steps"
+    if rss0 is not None:
+        assert _rss() - rss0 < 16 << 20
+
+
+def _rss() -> int | None:
+    """Resident set size in bytes (Linux), else None."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_dynamics_only_run_falls_back(tiny_run, tmp_path):
+    """No agent phase: dynamics alone, reward 0, never terminated. The dataset is gone too: contexts come
+    from the latents cached in the run."""
+    run = tmp_path / "no_agent"
+    run.mkdir()
+    for name in ("tokenizer", "dynamics", "config.json"):
+        (run / name).symlink_to(tiny_run / name)
+    info = json.loads((tiny_run / "dataset.json").read_text())
+    (run / "dataset.json").write_text(json.dumps({**info, "data": str(tmp_path / "gone")}))
+    with pytest.warns(UserWarning, match="dynamics model alone"):
+        env = make_env(run)
+    assert env.world_model.heads is None
+    env.reset(seed=0)
+    for _ in range(3):
+        _, reward, terminated, _, info = env.step(0)
+        assert reward == 0.0 and not terminated and info["continue_prob"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vector env
+
+
+def test_vector_env_matches_single_envs_across_autoreset(tiny_run):
+    n, horizon = 3, 6
+    venv = gymnasium.make_vec(ENV_ID, num_envs=n, vectorization_mode="vector_entry_point", run=tiny_run,
+                              steps=2, horizon=horizon)
+    assert isinstance(venv.unwrapped, WorldModelVectorEnv)
+    assert venv.single_action_space == gymnasium.spaces.Discrete(3)
+    assert venv.observation_space.shape == (n, 16, 16, 3)
+    singles = [make_env(tiny_run, horizon=horizon) for _ in range(n)]
+    for e in [venv, *singles]:
+        end_often(e)
+    obs, _ = venv.reset(seed=7)
+    ref = np.stack([e.reset(seed=7 + i)[0] for i, e in enumerate(singles)])
+    np.testing.assert_array_equal(obs, ref)
+
+    rng = np.random.default_rng(0)
+    done, resets, ends = np.zeros(n, bool), 0, 0
+    for _ in range(24):
+        actions = rng.integers(0, 3, n)
+        obs, rewards, terms, truncs, info = venv.step(actions)
+        for i, env in enumerate(singles):
+            if done[i]:  # NEXT_STEP autoreset: this step resets sub-env i and ignores its action
+                o, r, te, tr = *env.reset()[:1], 0.0, False, False
+                assert not info["_continue_prob"][i] and info["_context_episode"][i]
+                resets += 1
+            else:
+                o, r, te, tr, inf = env.step(int(actions[i]))
+                assert info["continue_prob"][i] == pytest.approx(inf["continue_prob"], abs=1e-5)
+            # batching changes float summation order: allow one grey level on a rare rounding edge
+            assert np.abs(obs[i].astype(int) - o).max() <= 1
+            assert rewards[i] == pytest.approx(r, abs=1e-4)
+            assert (terms[i], truncs[i]) == (te, tr)
+        ends += int((terms & ~done).sum())
+        done = terms | truncs
+    assert resets >= 3 and ends >= 2, (resets, ends)  # autoresets happened, staggered by terminations
+    assert venv.unwrapped.stream.cache.length == venv.unwrapped.stream.cache.capacity
+    frames = venv.render()
+    assert len(frames) == n and np.array_equal(frames[0], obs[0])
+    venv.close()
+
+
+def test_vector_partial_reset_and_context_option(tiny_run):
+    venv = WorldModelVectorEnv(tiny_run, num_envs=2, steps=2)
+    single = make_env(tiny_run)
+    venv.reset(seed=3)
+    single.reset(seed=4)
+    for a in (0, 2):
+        venv.step(np.array([1, a]))
+        single.step(a)
+    obs, info = venv.reset(seed=[None, 11], options={"reset_mask": np.array([False, True])})
+    assert list(info["_context_episode"]) == [False, True]
+    np.testing.assert_array_equal(obs[1], single.reset(seed=11)[0])
+    for a in (1, 1, 0):
+        obs, *_ = venv.step(np.array([0, a]))
+        assert np.abs(obs[1].astype(int) - single.step(a)[0]).max() <= 1
+    lat = torch.zeros(2, 3, 4, 8)
+    with pytest.raises(ValueError, match="needs >= 3"):
+        venv.reset(options={"context_latents": lat[:, :2]})
+    per_env = {"context_latents": lat, "context_actions": [[0, 1, 2], [2, 1, 0]]}
+    obs, info = venv.reset(seed=0, options=per_env)
+    assert list(info["context_episode"]) == [-1, -1]
+    np.testing.assert_array_equal(obs[0], obs[1])  # same latents decode alike; actions only steer dynamics
+    with pytest.raises(ValueError, match="context >= 3"):
+        WorldModelVectorEnv(tiny_run, num_envs=2, context=2)
+
+
+def test_reinforce_trains_inside_vector_env(tiny_run):
+    """Any gymnasium RL loop runs inside: REINFORCE with a linear softmax policy on flattened pixels."""
+    envs = gymnasium.make_vec(ENV_ID, num_envs=4, run=tiny_run, steps=1, horizon=8)
+    obs_dim = int(np.prod(envs.single_observation_space.shape))
+    n_act = int(envs.single_action_space.n)
+    policy = torch.nn.Linear(obs_dim, n_act)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    before = policy.weight.detach().clone()
+    obs, _ = envs.reset(seed=0)
+    done = np.zeros(envs.num_envs, bool)
+    for _ in range(3):
+        logps, rewards, ends, valid = [], [], [], []
+        for _ in range(8):
+            x = torch.as_tensor(obs, dtype=torch.float32).flatten(1) / 255.0
+            dist = torch.distributions.Categorical(logits=policy(x))
+            action = dist.sample()
+            valid.append(torch.as_tensor(~done))  # autoreset steps ignore the action
+            obs, reward, term, trunc, _ = envs.step(action.numpy())
+            done = term | trunc
+            logps.append(dist.log_prob(action))
+            rewards.append(torch.as_tensor(reward, dtype=torch.float32))
+            ends.append(torch.as_tensor(done, dtype=torch.float32))
+        valid = torch.stack(valid).float()
+        returns, running = torch.zeros_like(valid), torch.zeros(envs.num_envs)
+        for t in reversed(range(8)):
+            running = rewards[t] + 0.99 * running * (1.0 - ends[t])
+            returns[t] = running
+        adv = (returns - returns[valid.bool()].mean()) * valid
+        loss = -(torch.stack(logps) * adv).sum() / valid.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    assert int(valid.sum()) < valid.numel()  # horizon 8 < 24 steps: autoresets happened mid-batch
+    assert not torch.equal(before, policy.weight)
+    envs.close()
