@@ -418,6 +418,10 @@ class RolloutStream:
     def device(self) -> torch.device:
         return self.model.head.weight.device
 
+    def noise(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        """N(0, I) noise of ``shape`` (B, ...) for corrupting and sampling (subclasses may draw per row)."""
+        return flow.randn(shape, self.generator, self.device, dtype)
+
     def _per_frame(self, value: float, frames: int) -> Tensor:
         return torch.full((self.batch, frames), value, device=self.device)
 
@@ -444,8 +448,7 @@ class RolloutStream:
         n = latents.shape[1]
         tau = self._per_frame(self.tau_ctx, n)
         if self.noisy:
-            noise = flow.randn(latents.shape, self.generator, latents.device, latents.dtype)
-            latents = flow.corrupt(latents, noise, tau)
+            latents = flow.corrupt(latents, self.noise(latents.shape, latents.dtype), tau)
         if actions is not None and action_mask is None:
             action_mask = torch.ones(self.batch, n, dtype=torch.bool, device=self.device)
         _, agent = self._run(latents, tau, self._per_frame(self.d_ctx, n), actions, action_mask, commit=True)
@@ -466,7 +469,7 @@ class RolloutStream:
             return self._run(z, tau, d, actions, action_mask, commit=False)[0]
 
         fn = flow.as_x_prediction(fn, flow.prediction_of(m.cfg.objective))
-        z = flow.sample(fn, shape, steps, self.generator, m.cfg.k_max, self.device)
+        z = flow.denoise(fn, self.noise(shape), steps, m.cfg.k_max)
         return z, self.observe(z, actions, action_mask)
 
 

@@ -232,9 +232,8 @@ class RowNoiseStream(RolloutStream):
 
     Row i then sees exactly the noise a 1-row stream with that generator would, whatever the batch: a
     batched env reproduces single envs. Rows with ``active[i]`` False get zero noise and leave their
-    generator untouched (a sub-env about to be restarted must not consume its noise). observe / imagine
-    follow :class:`RolloutStream` step for step, only the noise source differs (tests check that a 1-row
-    stream equals the parent bit for bit).
+    generator untouched (a sub-env about to be restarted must not consume its noise). Only the noise
+    source differs from the parent (tests check that a 1-row stream equals it bit for bit).
     """
 
     def __init__(self, model: DynamicsModel, generators: list[torch.Generator], t0: int = 0):
@@ -251,31 +250,6 @@ class RowNoiseStream(RolloutStream):
             else torch.zeros(row, device=self.device, dtype=dtype)
             for i, g in enumerate(self.generators)
         ])
-
-    def observe(self, latents: Tensor, actions: Any = None, action_mask: Tensor | None = None) -> Tensor:
-        """As :meth:`RolloutStream.observe`: commit latents (B, T', N, D) -> agent outputs (B, T', A, W)."""
-        n = latents.shape[1]
-        tau = self._per_frame(self.tau_ctx, n)
-        if self.noisy:
-            latents = flow.corrupt(latents, self.noise(latents.shape, latents.dtype), tau)
-        if actions is not None and action_mask is None:
-            action_mask = torch.ones(self.batch, n, dtype=torch.bool, device=self.device)
-        _, agent = self._run(latents, tau, self._per_frame(self.d_ctx, n), actions, action_mask, commit=True)
-        self.t += n
-        return agent
-
-    def imagine(self, steps: int, actions: Any = None, action_mask: Tensor | None = None):
-        """As :meth:`RolloutStream.imagine`: -> (latents (B, 1, N, D), agent outputs (B, 1, A, W))."""
-        m = self.model
-        if actions is not None and action_mask is None:
-            action_mask = torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
-
-        def fn(z, tau, d):
-            return self._run(z, tau, d, actions, action_mask, commit=False)[0]
-
-        fn = flow.as_x_prediction(fn, flow.prediction_of(m.cfg.objective))
-        z = flow.denoise(fn, self.noise((self.batch, 1, m.latent_tokens, m.latent_dim)), steps, m.cfg.k_max)
-        return z, self.observe(z, actions, action_mask)
 
 
 class ImaginedBatch:
