@@ -42,6 +42,7 @@ class CollectConfig:
     episodes: int = 100
     policy: str = "epsilon-expert"  # random | expert | epsilon-expert
     epsilon: float = 0.3
+    random_episodes: int = 0  # extra episodes of a random policy appended after the main ones
     action_repeat: int = 1
     max_steps: int = 1000  # per episode, safety cap
     seed: int = 0

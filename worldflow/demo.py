@@ -22,8 +22,11 @@ def _collect(cfg: Config, data: Path, progress: bool) -> None:
     if (data / "manifest.json").exists():
         return
     c = cfg.collect
-    collect(c.env, c.episodes, data, policy=c.policy, size=cfg.data.size, seed=c.seed, epsilon=c.epsilon,
-            action_repeat=c.action_repeat, max_steps=c.max_steps, progress=progress)
+    runs = [(c.policy, c.episodes), ("random", c.random_episodes)]
+    for policy, n in runs:
+        if n > 0:  # appending continues the episode seeds, so the two batches never repeat a seed
+            collect(c.env, n, data, policy=policy, size=cfg.data.size, seed=c.seed, epsilon=c.epsilon,
+                    action_repeat=c.action_repeat, max_steps=c.max_steps, progress=progress)
 
 
 def run_demo(cfg: Config, run: Path, data: Path | None = None, progress: bool = True) -> dict:
