@@ -1,8 +1,9 @@
 """``worldflow demo``: the whole pipeline on the built-in Catch game, end to end.
 
-collect -> train tokenizer -> train dynamics -> evaluate (rollout video, PSNR-vs-horizon plot, JSON),
-then a short summary. Each stage resumes or is skipped when its output already exists, so an
-interrupted demo continues where it stopped.
+collect -> train tokenizer -> train dynamics -> evaluate rollouts (video, PSNR-vs-horizon plot, JSON)
+-> agent (behaviour cloning, then RL in imagination) -> real-env returns, then a short summary.
+Each stage resumes or is skipped when its output already exists, so an interrupted demo continues where
+it stopped.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def _collect(cfg: Config, data: Path, progress: bool) -> None:
 
 
 def run_demo(cfg: Config, run: Path, data: Path | None = None, progress: bool = True) -> dict:
-    from worldflow import train_dynamics, train_tokenizer
-    from worldflow.evaluate import evaluate_dynamics
+    from worldflow import train_agent, train_dynamics, train_tokenizer
+    from worldflow.evaluate import evaluate_agent_run, evaluate_dynamics
 
     t0 = time.time()
     run.mkdir(parents=True, exist_ok=True)
@@ -49,12 +50,19 @@ def run_demo(cfg: Config, run: Path, data: Path | None = None, progress: bool = 
     ev = evaluate_dynamics(run, data, context, horizons, cfg.dynamics.steps, None, 32, run / "eval",
                            progress=progress)
     atomic_write_text(run / "eval" / "eval.json", json.dumps(ev, indent=2))
+    t1 = time.time()
+    train_agent.train_offline(cfg, data, run, progress=progress)
+    timings["agent_min"] = (time.time() - t1) / 60
+    agent = evaluate_agent_run(run, cfg.collect.env, episodes=20, progress=progress)
+    atomic_write_text(run / "eval" / "agent.json", json.dumps(agent, indent=2))
     summary = {"tokenizer_recon_psnr": tok["eval"].get("recon_psnr"),
                "tokenizer_recon_ssim": tok["eval"].get("recon_ssim"),
                "rollout_psnr_mean_h1_16": _mean(ev["psnr"]),
                "copy_last_psnr_mean_h1_16": _mean(ev["baseline_copy_last"]["psnr"]),
                "shuffled_actions_psnr_mean_h1_16": _mean(ev["shuffled_actions"]["psnr"]),
-               "steps": ev["steps"], "total_min": (time.time() - t0) / 60, **timings}
+               "steps": ev["steps"],
+               **{k: agent.get(k) for k in ("policy_return", "bc_return", "random_return", "expert_return")},
+               "total_min": (time.time() - t0) / 60, **timings}
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -70,6 +78,8 @@ def _print_summary(s: dict, run: Path) -> None:
     print(f"dynamics   rollout PSNR (mean h=1..16, K={s['steps']}) {s['rollout_psnr_mean_h1_16']:.2f} dB | "
           f"copy-last {s['copy_last_psnr_mean_h1_16']:.2f} dB | shuffled actions "
           f"{s['shuffled_actions_psnr_mean_h1_16']:.2f} dB")
+    print(f"agent      real-env return (mean of 20 episodes): imagination policy {s['policy_return']:.2f} | "
+          f"BC only {s['bc_return']:.2f} | random {s['random_return']:.2f} | expert {s['expert_return']:.2f}")
     print(f"time       {s['total_min']:.1f} min in all")
     print(f"look at    {run / 'eval' / 'rollout.gif'}  {run / 'eval' / 'psnr_vs_horizon.png'}")
 
