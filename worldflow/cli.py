@@ -35,6 +35,15 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted config overrides, e.g. train_tokenizer.steps=100")
 
 
+def add_train_args(p: argparse.ArgumentParser, run_help: str) -> None:
+    """The flags every ``worldflow train ...`` command shares (a public contract: keep the names)."""
+    p.add_argument("--data", required=True, help="dataset directory written by `worldflow collect`")
+    p.add_argument("--run", required=True, help=run_help)
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(p)
+
+
 def _add_module(sub: argparse._SubParsersAction, name: str, module: str) -> None:
     try:
         importlib.import_module(module).add_parser(sub)

@@ -175,17 +175,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worldflow.cli import add_config_args
+    from worldflow.cli import add_train_args
 
     p = sub.add_parser("agent", help="train the agent: behaviour cloning, then RL in imagination",
                        description=__doc__)
-    p.add_argument("--data", required=True, help="dataset directory (grown in place with --online)")
-    p.add_argument("--run", required=True, help="run directory with a trained tokenizer and dynamics model")
+    add_train_args(p, "run directory with a trained tokenizer and dynamics model")
     p.add_argument("--phase", choices=("bc", "imagine", "all"), default="all",
                    help="bc: phase 2 only; imagine: phase 3 only (needs bc); all: both (default)")
     p.add_argument("--online", action="store_true", help="Dreamer-style loop with a real env (needs --env)")
     p.add_argument("--env", help="gymnasium env id for --online")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    add_config_args(p)
     p.set_defaults(func=main)

@@ -124,13 +124,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worldflow.cli import add_config_args
+    from worldflow.cli import add_train_args
 
     p = sub.add_parser("dynamics", help="train the shortcut-forcing dynamics model",
                        description="Train the dynamics model on latents of the run's trained tokenizer.")
-    p.add_argument("--data", required=True, help="dataset directory written by `worldflow collect`")
-    p.add_argument("--run", required=True, help="run directory holding a trained tokenizer")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p)
+    add_train_args(p, "run directory holding a trained tokenizer")
     p.set_defaults(func=main)

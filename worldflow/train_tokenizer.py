@@ -103,13 +103,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worldflow.cli import add_config_args
+    from worldflow.cli import add_train_args
 
     p = sub.add_parser("tokenizer", help="train the causal video tokenizer",
                        description="Train the causal video tokenizer on a collected dataset.")
-    p.add_argument("--data", required=True, help="dataset directory written by `worldflow collect`")
-    p.add_argument("--run", required=True, help="run directory (created; resumed if it has checkpoints)")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p)
+    add_train_args(p, "run directory (created; resumed if it has checkpoints)")
     p.set_defaults(func=main)
