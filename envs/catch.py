@@ -1,18 +1,19 @@
 """Catch: a tiny pixel game whose dynamics a world model can learn in minutes on a CPU.
 
-A ball falls one cell per step from a random column at the top of a 16×16 grid; a 3-cell paddle on the
+A ball falls one cell per step from a random column at the top of an 8×8 grid; a 3-cell paddle on the
 bottom row moves left / stays / moves right. The ball's fall is deterministic but where the next ball
 appears is not, so a model must learn both crisp deterministic motion and a stochastic future.
 
-Timeline of one ball (``GRID = 16``):
+Timeline of one ball (``GRID = 8``):
 
-* the ball appears on row 0 and falls one row per step, reaching the paddle row after 15 steps;
+* the ball appears on row 0 and falls one row per step, reaching the paddle row after GRID − 1 steps;
 * on that step the reward is given (+1 caught, −1 missed) and the frame shows the ball *in* the
   paddle row (drawn over the paddle when caught, beside it when missed), so the outcome is visible;
 * on the next step the ball respawns on row 0 at a new random column.
 
-Measured returns (``num_balls=10, max_misses=3``, 200 seeded episodes): the scripted expert catches every
-ball (+10.0); uniformly random actions average about −2.3 (see ``docs/envs.md``).
+Measured returns (``num_balls=10, max_misses=3``, 100 seeded episodes): the scripted expert catches every
+ball (+10.0); epsilon-expert (ε = 0.3) +8.2; uniformly random actions about −1.2 (see ``docs/envs.md``).
+The grid is 8×8 so that at 64×64 pixels every sprite cell is exactly one 8×8 tokenizer patch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-GRID = 16  # internal grid is GRID × GRID cells; each cell is size // GRID pixels
+GRID = 8  # internal grid is GRID × GRID cells; each cell is size // GRID pixels
 PADDLE_HALF = 1  # paddle covers columns [centre - 1, centre + 1]
 PADDLE_ROW = GRID - 1
 BALL_COLOUR = np.array([255, 64, 64], dtype=np.uint8)  # red

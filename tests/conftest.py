@@ -23,9 +23,9 @@ def tiny_data(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("data") / "catch16"
     collect("worldflow/Catch-v0", 6, out, policy="epsilon-expert", size=16, seed=0, progress=False,
-            env_kwargs={"num_balls": 2})
+            env_kwargs={"num_balls": 4})
     collect("worldflow/Catch-v0", 2, out, policy="random", size=16, seed=100, progress=False,
-            env_kwargs={"num_balls": 2})
+            env_kwargs={"num_balls": 4})
     return out
 
 
