@@ -84,3 +84,15 @@ def test_bad_override_is_a_named_error(tiny_data, tmp_path, capsys):
               "--run", str(tmp_path / "r"), "tokenizer.nosuch=1"])
     assert e.value.code == 2
     assert "tokenizer.nosuch" in capsys.readouterr().err
+
+
+def test_bench_quick_smoke(tmp_path):
+    """The benchmark entry point runs and writes its JSON and Markdown (no timing is asserted)."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--presets", "tiny", "--quick", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["matmul_peak_flop_per_s"] > 0
+    for what in ("tokenizer", "dynamics"):
+        assert res[what]["tiny"]["tokens_per_s"] > 0 and res[what]["tiny"]["flop_per_step"] > 0
+    assert set(res["rollout"]["cache"]) == {"16", "64"}
+    assert out.with_suffix(".md").exists()
