@@ -21,7 +21,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider
 
 demo: $(STAMP)
 	$(BIN)/worldflow demo --run $(RUN)
