@@ -180,14 +180,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
             if arg is type(None) and value is None:
                 return None
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"config key '{key}': {value!r} matches none of {tp}")
     if origin is tuple:
         args = typing.get_args(tp)

@@ -45,7 +45,7 @@ def run_demo(cfg: Config, run: Path, data: Path | None = None, progress: bool = 
     timings["tokenizer_min"] = tok["minutes"]
     dyn = train_dynamics.train(cfg, data, run, progress=progress)
     timings["dynamics_min"] = dyn["minutes"]
-    horizons = [h for h in (1, 2, 4, 8, 16) if h <= 16]
+    horizons = [1, 2, 4, 8, 16]
     context = min(8, cfg.dynamics.context)
     ev = evaluate_dynamics(run, data, context, horizons, cfg.dynamics.steps, None, 32, run / "eval",
                            progress=progress)

@@ -44,7 +44,7 @@ def decode_rollout(tok, context_latents: torch.Tensor, pred_latents: torch.Tenso
 class RolloutEvaluator:
     """Scores open-loop rollouts on a fixed set of held-out clips (same clips at every call)."""
 
-    def __init__(self, tok, bank: ClipBank, data: str | Path, cfg: Config, device: torch.device,
+    def __init__(self, tok, bank: ClipBank, cfg: Config, device: torch.device,
                  context: int, horizon: int, clips: int = 32, seed: int = 0):
         self.tok, self.cfg, self.device = tok, cfg, device
         self.context, self.horizon = context, horizon
@@ -127,7 +127,7 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     bank = latent_bank(run, data, cfg, "heldout", tok, progress)
     bank = with_frames(bank, data, cfg, progress)
     horizon = max(horizons)
-    ev = RolloutEvaluator(tok, bank, data, cfg, device, context=context, horizon=horizon, clips=clips)
+    ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips)
     t0 = time.time()
     pred = ev.predict(model, steps)
     fps = pred.shape[0] * pred.shape[1] / (time.time() - t0)

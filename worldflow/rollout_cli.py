@@ -20,7 +20,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"worldflow rollout: --context {args.context} exceeds the context the model was "
                          f"trained for ({model.cfg.context} frames)")
     bank = with_frames(latent_bank(args.run, args.data, cfg, "heldout", tok, True), args.data, cfg, True)
-    ev = RolloutEvaluator(tok, bank, args.data, cfg, device, context=args.context, horizon=args.horizon,
+    ev = RolloutEvaluator(tok, bank, cfg, device, context=args.context, horizon=args.horizon,
                           clips=args.clips, seed=args.seed)
     pred = ev.predict(model, args.steps)
     out = Path(args.out)

@@ -99,7 +99,7 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     context = min(8, dyn.context)
     # score 16 predicted frames, or as many as the longest held-out episode allows
     horizon = max(1, min(16, int(held_bank.lengths.max()) - context))
-    evaluator = RolloutEvaluator(tok, held_bank, data, cfg, device, context=context, horizon=horizon)
+    evaluator = RolloutEvaluator(tok, held_bank, cfg, device, context=context, horizon=horizon)
 
     def batch_fn(gen: torch.Generator) -> dict[str, torch.Tensor]:
         long = dyn.long_every > 0 and (trainer.step + 1) % dyn.long_every == 0
