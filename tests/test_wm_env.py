@@ -178,6 +178,37 @@ def test_long_episode_memory_is_flat(tiny_run):
         assert _rss() - rss0 < 16 << 20
 
 
+@pytest.mark.slow
+def test_10k_step_episode_rss_is_flat(tiny_run):
+    """One 10,000-step imagined episode (K=1): after a 500-step warm-up, process RSS grows < 50 MB.
+
+    The episode must not end, so the continue head is replaced by a constant 1 (the tiny run's head hovers
+    near 0.5 and could end it at any step); everything else a step does — the cached dynamics rollout, the
+    streaming decoder, the reward head, the observation copies — runs as usual.
+    """
+    env = make_env(tiny_run, steps=1)
+    env.unwrapped.world_model.heads.continue_prob = lambda h, task=None: torch.ones(h.shape[:-1])
+    env.reset(seed=0)
+
+    def run(n: int) -> None:
+        for i in range(n):
+            _, reward, terminated, truncated, _ = env.step(i % 3)
+            assert not (terminated or truncated)
+            assert np.isfinite(reward)
+
+    run(500)
+    rss0 = _rss()
+    if rss0 is None:
+        pytest.skip("RSS is read from /proc/self/statm (Linux only)")
+    peak = 0
+    for _ in range(19):
+        run(500)
+        peak = max(peak, _rss() - rss0)
+    assert env.stream.t == 3 + 10_000 and env.stream.history == []
+    print(f"RSS growth over steps 500..10,000: peak {peak / 2**20:.2f} MB")
+    assert peak < 50 << 20, f"RSS grew by {peak / 2**20:.1f} MB over 9,500 steps"
+
+
 def _rss() -> int | None:
     """Resident set size in bytes (Linux), else None."""
     try:

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,24 +57,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, config: dict[str, Any],
-                    optimizer: torch.optim.Optimizer | None = None, extra: dict[str, Any] | None = None,
-                    keep: int = 2) -> Path:
+def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
+                    config: dict[str, Any], optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
     """Write ``step_<step>`` atomically under ``ckpt_root`` and point ``latest.json`` at it.
 
-    ``extra`` holds anything else needed to resume exactly (scheduler, sampler position, RNGs of
-    generators). Older checkpoints beyond ``keep`` are removed after the new one is in place.
+    ``model`` / ``optimizer`` may be given as their state dicts instead (the trainer gathers FSDP2 shards
+    into full state dicts first, so every checkpoint has the single-process format). ``extra`` holds
+    anything else needed to resume exactly (scheduler, sampler position, RNGs of generators). Older
+    checkpoints beyond ``keep`` are removed after the new one is in place.
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(tensors, str(tmp / "model.safetensors"))
         state = {"step": step, "rng": rng_state(), "extra": extra or {}}
         if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
+            state["optimizer"] = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         torch.save(state, tmp / "state.pt")
         meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -112,6 +116,12 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
 
 def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Strictly load safetensors weights; a mismatch names the offending tensors."""
+    model.load_state_dict(read_weights(model, ckpt_dir), strict=True)
+
+
+def read_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors after checking them strictly against ``model``'s state dict (names and
+    shapes; a mismatch raises CheckpointError naming the offending tensors)."""
     path = Path(ckpt_dir) / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"no weights at {path}")
@@ -130,7 +140,7 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
             parts.append("shape mismatch " + ", ".join(
                 f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong))
         raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
-    model.load_state_dict(tensors, strict=True)
+    return tensors
 
 
 @dataclass
@@ -140,16 +150,31 @@ class Resumed:
 
 
 def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True) -> Resumed:
-    """Load weights (strict), optimizer state and RNG states; return the step and ``extra``."""
+                    optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True,
+                    load_weights_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None] | None = None,
+                    load_optimizer_fn: Callable[[torch.optim.Optimizer, dict[str, Any]], None] | None = None
+                    ) -> Resumed:
+    """Load weights (strict), optimizer state and RNG states; return the step and ``extra``.
+
+    ``load_weights_fn(model, tensors)`` / ``load_optimizer_fn(optimizer, state_dict)`` replace the plain
+    ``load_state_dict`` calls (the trainer passes loaders that shard full state dicts for FSDP2); the
+    tensors are checked against the model first either way.
+    """
     d = Path(ckpt_dir)
     meta = json.loads((d / "meta.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{d}: format version {meta.get('format_version')} != {FORMAT_VERSION}")
-    load_weights(model, d)
+    tensors = read_weights(model, d)
+    if load_weights_fn is None:
+        model.load_state_dict(tensors, strict=True)
+    else:
+        load_weights_fn(model, tensors)
     state = torch.load(d / "state.pt", weights_only=False)
     if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+        if load_optimizer_fn is None:
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            load_optimizer_fn(optimizer, state["optimizer"])
     if restore_rng:
         set_rng_state(state["rng"])
     return Resumed(step=int(state["step"]), extra=state.get("extra", {}))

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from worldflow.distributed import quiet_unless_main
+
+    quiet_unless_main()  # under torchrun, only rank 0 prints
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -148,6 +148,9 @@ class TrainConfig:
     ckpt_every: int = 200
     max_minutes: float = 0.0  # stop after this wall time (0 = no limit)
     seed: int = 0
+    # multi-process runs under torchrun (docs/distributed.md); single-process runs ignore fsdp
+    fsdp: bool = False  # shard params/grads/optimizer state per transformer block (FSDP2) instead of DDP
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
 
 
 @dataclass

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from worldflow import flow
 from worldflow.config import DynamicsConfig
+from worldflow.distributed import rows_of
 from worldflow.nn import KVCache, SpaceTimeTransformer
 
 Actions = Any  # a tensor (B, T, ...), or a tuple / dict of them for Tuple / Dict spaces
@@ -334,34 +335,47 @@ def dynamics_loss(
     over its frames). Returns (loss, terms).
     """
     b, t = latents.shape[:2]
-    n_single = 0
+    # Under data-parallel training this batch is rows [start, stop) of a global batch (else all of it):
+    # every draw below is made for the global batch and cut to these rows, so each process sees the
+    # single-process numbers for its rows (worldflow.distributed.rows_of).
+    rows = rows_of(b)
+    g_single = 0  # single-frame items of the global batch: its first g_single rows
     if t > 1 and cfg.single_frame_fraction > 0:
         u = torch.rand((), generator=generator, device=None if generator is None else generator.device).item()
-        n_single = min(b, int(math.floor(b * cfg.single_frame_fraction + u)))
+        g_single = min(rows.total, int(math.floor(rows.total * cfg.single_frame_fraction + u)))
+    n_single = min(max(g_single - rows.start, 0), b)  # ... of which this batch holds its first n_single
     prev_actions, prev_mask = shift_actions(actions, action_mask)
-    parts = []
-    if n_single:
+    parts = []  # (rows of the part's global batch, items here, name, z1, actions, mask, task)
+    if g_single:
         z, tk = _single_frames(latents[:n_single], None if task is None else task[:n_single])
-        parts.append((n_single, "single", z, None, None, tk))
-    if n_single < b:
+        parts.append((rows.within(0, g_single).repeat(t), n_single, "single", z, None, None, tk))
+    if g_single < rows.total:
         sl = slice(n_single, b)
         acts = _tree_map(lambda a: a[sl], prev_actions)
         mask = None if prev_mask is None else prev_mask[sl]
-        parts.append((b - n_single, "seq", latents[sl], acts, mask, None if task is None else task[sl]))
+        parts.append((rows.within(g_single, rows.total), b - n_single, "seq", latents[sl], acts, mask,
+                      None if task is None else task[sl]))
 
     fn = _model_fn(model)
     boot_frac = cfg.bootstrap_fraction if cfg.objective == "shortcut" else 0.0
     loss, terms = latents.new_zeros(()), {}
     frames = {"flow": 0, "bootstrap": 0}  # frame counts of each kind, to average the diagnostics
     sums = {"flow": latents.new_zeros(()), "bootstrap": latents.new_zeros(())}
-    for items, name, z1, acts, mask, tk in parts:
-        tau, d = flow.sample_tau_d(z1.shape[0], z1.shape[1], cfg.k_max, boot_frac, generator, z1.device)
+    for part_rows, items, name, z1, acts, mask, tk in parts:
+        n = part_rows.total
+        tau, d = flow.sample_tau_d(n, z1.shape[1], cfg.k_max, boot_frac, generator, z1.device)
+        noise = flow.randn((n, *z1.shape[1:]), generator, z1.device, z1.dtype)
+        # half-step passes iff the global part has bootstrap frames: the same model calls in every process
+        run_boot = bool(flow.is_bootstrap(d, cfg.k_max).any())
+        tau, d, noise = part_rows.take(tau), part_rows.take(d), part_rows.take(noise)
+        # a part whose rows all sit in other processes still runs (on zero rows, loss 0) for the same reason
         part, pt = flow.objective_loss(
-            cfg.objective, fn, z1, tau, d, cfg.k_max, cfg.ramp_weight, None, generator,
+            cfg.objective, fn, z1, tau, d, cfg.k_max, cfg.ramp_weight, noise, generator, run_boot,
             actions=acts, action_mask=mask, task=tk,
         )  # fmt: skip
         loss = loss + part * (items / b)
-        terms[f"loss_{name}"] = pt["loss"]
+        if items:
+            terms[f"loss_{name}"] = pt["loss"]
         n_boot = int(flow.is_bootstrap(d, cfg.k_max).sum())
         for key, n in (("flow", tau.numel() - n_boot), ("bootstrap", n_boot)):
             sums[key] = sums[key] + pt[key] * n

@@ -213,6 +213,7 @@ def shortcut_forcing_loss(
     ramp: bool = True,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    run_bootstrap: bool | None = None,
     **cond,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Shortcut forcing with x-prediction (Dreamer 4 eq. 6–8, DESIGN §3).
@@ -225,7 +226,10 @@ def shortcut_forcing_loss(
                = w(τ)·(1 − τ)²·‖(ẑ1 − z̃)/(1 − τ) − sg(b' + b'')/2‖²   d > d_min   (bootstrap, v-space)
 
     ‖·‖² is the mean over a frame's feature dims; the loss is the mean of loss_t over all B·T frames.
-    The half-step passes run only when there are bootstrap frames, only on the rows that contain them.
+    The half-step passes run only when there are bootstrap frames, only on the rows that contain them;
+    ``run_bootstrap`` overrides the "when" (True: run them even on zero rows). A data-parallel caller
+    whose batch is a slice of a global batch passes the global batch's answer, so every process makes the
+    same model calls (FSDP2 gathers parameters per call). An empty batch gives a zero loss, not NaN.
     Returns (loss, terms) with detached diagnostics: ``flow`` and ``bootstrap`` (mean weighted term over
     frames of that kind, 0 if none) and ``bootstrap_frac``.
     """
@@ -236,14 +240,14 @@ def shortcut_forcing_loss(
     boot = is_bootstrap(d, k_max)
 
     per_frame = w * _frame_mse(x_hat, z1)
-    if boot.any():
+    if boot.any() if run_bootstrap is None else run_bootstrap:
         rows = boot.any(dim=1).nonzero().squeeze(1)
         zr, tr, dr, br = z_t[rows], tau[rows], d[rows], boot[rows]
         target = bootstrap_target(model_fn, zr, tr, dr, br, **_slice_cond(cond, rows))
         v_hat = x_to_v(x_hat[rows], zr, tr)
         boot_term = w[rows] * (1 - tr) ** 2 * _frame_mse(v_hat, target)
         per_frame = per_frame.index_put((rows,), torch.where(br, boot_term, per_frame[rows]))
-    loss = per_frame.mean()
+    loss = per_frame.mean() if per_frame.numel() else per_frame.sum()
     return loss, _terms(loss, per_frame, boot)
 
 
@@ -285,7 +289,7 @@ def flow_loss(
     out = model_fn(z_t, tau, d, **cond)
     target = z1 if prediction == "x" else z1 - z0
     per_frame = ramp_weight(tau, ramp) * _frame_mse(out, target)
-    loss = per_frame.mean()
+    loss = per_frame.mean() if per_frame.numel() else per_frame.sum()
     return loss, _terms(loss, per_frame, torch.zeros_like(tau, dtype=torch.bool))
 
 
@@ -306,11 +310,14 @@ def objective_loss(
     ramp: bool = True,
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    run_bootstrap: bool | None = None,
     **cond,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Dispatch on ``objective`` (shortcut | flow_x | flow_v); flow objectives ignore ``d`` (use d_min)."""
+    """Dispatch on ``objective`` (shortcut | flow_x | flow_v); flow objectives ignore ``d`` (use d_min)
+    and ``run_bootstrap`` (see :func:`shortcut_forcing_loss`)."""
     if objective == "shortcut":
-        return shortcut_forcing_loss(model_fn, z1, tau, d, k_max, ramp, noise, generator, **cond)
+        return shortcut_forcing_loss(model_fn, z1, tau, d, k_max, ramp, noise, generator, run_bootstrap,
+                                     **cond)
     return flow_loss(model_fn, z1, tau, k_max, prediction_of(objective), ramp, noise, generator, **cond)
 
 

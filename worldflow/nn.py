@@ -443,7 +443,7 @@ class SpaceTimeBlock(nn.Module):
         h = rearrange(self.norm_s(x), "b t s d -> (b t) s d")
         q, k, v = self.attn_s.project(h, sp_rope)
         h = self.attn_s.attend_out(q, k, v, sp_mask)
-        x = x + self.drop(rearrange(h, "(b t) s d -> b t s d", b=b))
+        x = x + self.drop(rearrange(h, "(b t) s d -> b t s d", b=b, t=t))
         if self.temporal:
             x = x + self.drop(self._temporal(x, t_rope, t_mask, cache, cache_layer, commit))
         return x + self.drop(self.mlp(self.norm_m(x)))
@@ -467,7 +467,7 @@ class SpaceTimeBlock(nn.Module):
             if commit:
                 cache.write(cache_layer, k, v)
         h = self.attn_t.attend_out(q, k, v, t_mask)
-        return rearrange(h, "(b s) t d -> b t s d", b=b)
+        return rearrange(h, "(b s) t d -> b t s d", b=b, s=s)
 
 
 class SpaceTimeTransformer(nn.Module):

@@ -48,6 +48,9 @@ def phase_config(run: str | Path, phase: str) -> Config:
 
 
 def device_of(cfg: Config) -> torch.device:
+    """The configured device (CPU when CUDA is absent); under torchrun ``cuda`` means ``cuda:LOCAL_RANK``."""
+    from worldflow.distributed import device_for
+
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device(cfg.device)
+    return device_for(cfg.device)

@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from worldflow.config import TokenizerConfig
+from worldflow.distributed import rows_of
 from worldflow.nn import KVCache, SpaceTimeTransformer
 
 __all__ = ["CausalTokenizer", "TokenizerLoss", "RunningRMS", "to_signed", "to_unit", "to_uint8"]
@@ -112,11 +113,15 @@ class CausalTokenizer(nn.Module):
 
     def sample_patch_mask(self, b: int, t: int, device: torch.device,
                           generator: torch.Generator | None = None) -> Tensor:
-        """Masked autoencoding: per frame p ~ U(0, mask_max), each patch masked w.p. p -> bool (B, T, P)."""
+        """Masked autoencoding: per frame p ~ U(0, mask_max), each patch masked w.p. p -> bool (B, T, P).
+
+        Drawn for the global batch and cut to this batch's rows (the whole batch outside data-parallel
+        training, see worldflow.distributed.rows_of)."""
         gdev = generator.device if generator is not None else device
-        p = torch.rand(b, t, 1, generator=generator, device=gdev) * self.cfg.mask_max
-        u = torch.rand(b, t, self.num_patches, generator=generator, device=gdev)
-        return (u < p).to(device)
+        rows = rows_of(b)
+        p = torch.rand(rows.total, t, 1, generator=generator, device=gdev) * self.cfg.mask_max
+        u = torch.rand(rows.total, t, self.num_patches, generator=generator, device=gdev)
+        return (rows.take(u) < rows.take(p)).to(device)
 
     def encoder_tokens(self, x: Tensor, patch_mask: Tensor | None = None,
                        cache: KVCache | None = None) -> Tensor:

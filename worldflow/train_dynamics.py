@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok,
     frames = ClipBank.load(data, cfg.data, split=split, progress=progress)
     bank = frames.map(lambda f: encode_frames(tok, f), "frames", "latents", progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique: every torchrun process may write the cache
     torch.save({"episodes": bank.episodes, "ids": bank.ids}, tmp)
     tmp.replace(path)
     return bank

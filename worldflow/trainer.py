@@ -4,6 +4,9 @@ atomic checkpoints with exact resume, progress bar and JSONL/TensorBoard logs.
 Each phase (tokenizer, dynamics, agent) supplies a model, a ``batch_fn(gen) -> batch`` that draws its
 randomness only from the given ``torch.Generator`` (so resume is exact), a ``loss_fn(model, batch, gen)
 -> (loss, terms)`` and an optional ``eval_fn(step) -> metrics``.
+
+Launched with ``torchrun`` the same loop runs data-parallel (DDP, or FSDP2 with ``fsdp=true``); the
+process-group logic is in :mod:`worldflow.distributed` and docs/distributed.md explains the switches.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from worldflow import distributed
 from worldflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from worldflow.config import TrainConfig
 from worldflow.runlog import RunLogger
@@ -51,8 +55,55 @@ def check_finite(step: int, terms: dict[str, torch.Tensor | float]) -> None:
                                      "training stopped, the last good checkpoint is kept")
 
 
+class _Step(torch.nn.Module):
+    """One training step's forward as a module: draw the global batch, keep this process's rows, compute
+    the loss on them. DDP / FSDP2 wrap this module (not the model), so whatever a phase's ``loss_fn`` does
+    with the model — call submodules, run several passes, use a method other than ``forward`` — happens
+    inside one wrapped forward; the model itself is registered unwrapped as ``self.model``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.batch_fn: Callable[[torch.Generator], Any] | None = None
+        self.loss_fn: Callable | None = None
+        self.autocast: Callable[[], Any] = nullcontext
+
+    def forward(self, gen: torch.Generator):
+        batch = self.batch_fn(gen)
+        if not distributed.is_distributed():
+            with self.autocast():
+                return self.loss_fn(self.model, batch, gen)
+        rows = distributed.split_rows(distributed.batch_size(batch))
+        batch = distributed.take_rows(batch, rows)
+        with distributed.batch_rows(rows), self.autocast():
+            return self.loss_fn(self.model, batch, gen)
+
+
+class _NoLog:
+    """The logger of ranks other than 0: they write nothing."""
+
+    def log(self, step: int, **scalars: Any) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def write(self, msg: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
-    """Runs ``cfg.steps`` optimisation steps of one phase, resumable from ``<run>/<phase>/checkpoints``."""
+    """Runs ``cfg.steps`` optimisation steps of one phase, resumable from ``<run>/<phase>/checkpoints``.
+
+    Under ``torchrun`` (see :mod:`worldflow.distributed`, docs/distributed.md) the same code trains with
+    several processes: the model is wrapped in DDP (or sharded with FSDP2 when ``cfg.fsdp``), every process
+    draws the global batch from the shared generator and trains on its slice of the rows, logged scalars
+    are averaged over processes, and only rank 0 writes checkpoints, logs and media. ``self.model`` is
+    always the unwrapped module, and checkpoints hold its full state dict.
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, phase: str,
                  config_dict: dict[str, Any], progress: bool = True):
@@ -60,24 +111,47 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / phase / "checkpoints"
         self.config_dict = config_dict
-        self.opt = make_optimizer(model, cfg)
+        first = next(model.parameters(), None)
+        distributed.init(first.device if first is not None else "cpu")
+        if cfg.activation_checkpointing:
+            distributed.checkpoint_blocks(model)
+        self._step_module = _Step(model)
+        self._step_module.autocast = self._autocast
+        self._wrapped = distributed.wrap(self._step_module, fsdp=cfg.fsdp)
+        self.opt = make_optimizer(model, cfg)  # after wrapping: FSDP2 replaces the parameters
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.progress = progress
 
     def resume(self) -> bool:
-        """Restore the latest checkpoint if there is one; True when resumed."""
+        """Restore the latest checkpoint if there is one; True when resumed. Every process reads the same
+        checkpoint (the run directory must be visible to all of them), so all restore the same state."""
         d = latest_checkpoint(self.ckpt_root)
         if d is None:
             return False
-        r = load_checkpoint(d, self.model, self.opt)
+        if distributed.is_sharded(self.model):  # full state dicts in, each rank keeps its shard
+            r = load_checkpoint(d, self.model, self.opt, load_weights_fn=distributed.load_full_model_state,
+                                load_optimizer_fn=lambda opt, sd: distributed.load_full_optimizer_state(
+                                    self.model, opt, sd))
+        else:
+            r = load_checkpoint(d, self.model, self.opt)
         self.step = r.step
         self.gen.set_state(r.extra["gen"])
         return True
 
     def save(self) -> Path:
-        return save_checkpoint(self.ckpt_root, self.step, self.model, self.config_dict, self.opt,
-                               extra={"gen": self.gen.get_state()})
+        """Write a checkpoint of the unwrapped model (rank 0 only; the others wait until it is in place)."""
+        weights: torch.nn.Module | dict = self.model
+        opt_state: torch.optim.Optimizer | dict = self.opt
+        if distributed.is_sharded(self.model):  # gathering the shards is collective
+            weights = distributed.full_model_state(self.model)
+            opt_state = distributed.full_optimizer_state(self.model, self.opt)
+        path = self.ckpt_root / f"step_{self.step:08d}"
+        if distributed.is_main():
+            path = save_checkpoint(self.ckpt_root, self.step, weights, self.config_dict, opt_state,
+                                   extra={"gen": self.gen.get_state()})
+        distributed.barrier()
+        return path
 
     def _autocast(self):
         if not self.cfg.bf16:
@@ -85,56 +159,75 @@ class Trainer:
         dev = next(self.model.parameters()).device.type
         return torch.autocast(device_type=dev, dtype=torch.bfloat16)
 
-    def train_step(self, batch: Any, loss_fn: Callable) -> dict[str, float]:
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step on a batch from ``batch_fn`` (set by :meth:`fit`); returns the scalars to
+        log, averaged over processes."""
         self.model.train()
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, self.cfg)
-        with self._autocast():
-            loss, terms = loss_fn(self.model, batch, self.gen)
-        check_finite(self.step, {"loss": loss, **terms})
+            g["lr"] = lr_at(self.step, self.cfg) * g.get("lr_scale", 1.0)
+        loss, terms = self._wrapped(self.gen)
+        out = {"loss": loss.detach(), **terms}
+        out = distributed.mean_scalars({k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                                        for k, v in out.items()})
+        check_finite(self.step, out)  # on the averages: a NaN on any rank stops every rank
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) if self.cfg.grad_clip > 0 else None
+        gnorm = distributed.clip_grad_norm(params, self.cfg.grad_clip) if self.cfg.grad_clip > 0 else None
         self.opt.step()
         self.step += 1
-        out = {"loss": float(loss.detach()), "lr": self.opt.param_groups[0]["lr"]}
-        out.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
+        out = {"loss": out.pop("loss"), "lr": self.opt.param_groups[0]["lr"], **out}
         if gnorm is not None:
-            out["grad_norm"] = float(gnorm)
+            out["grad_norm"] = gnorm
         return out
+
+    def _evaluate(self, eval_fn: Callable[[int], dict[str, float]]) -> dict[str, float]:
+        """Run ``eval_fn`` on rank 0 (the model is whole there) — or, with FSDP2 shards, on every rank with
+        the root's parameters gathered (media are still written by rank 0 only)."""
+        if distributed.is_sharded(self.model):
+            with distributed.gathered(self._wrapped):
+                res = eval_fn(self.step)
+        else:
+            res = eval_fn(self.step) if distributed.is_main() else {}
+        distributed.barrier()
+        return res
 
     def fit(self, batch_fn: Callable[[torch.Generator], Any], loss_fn: Callable,
             eval_fn: Callable[[int], dict[str, float]] | None = None, resume: bool = True) -> dict[str, Any]:
         """Train until cfg.steps (or cfg.max_minutes); returns a summary with the last logged metrics."""
         if resume:
             self.resume()
+        self._step_module.batch_fn, self._step_module.loss_fn = batch_fn, loss_fn
+        main = distributed.is_main()
         log = RunLogger(self.run_dir, self.phase, total=self.cfg.steps, initial=self.step,
-                        progress=self.progress)
-        t0, last, last_eval = time.time(), {}, {}
+                        progress=self.progress) if main else _NoLog()
+        t0, last, last_eval, evaluated_at = time.time(), {}, {}, -1
         stopped_by_time = False
         try:
             while self.step < self.cfg.steps:
-                metrics = self.train_step(batch_fn(self.gen), loss_fn)
+                metrics = self.train_step()
                 log.advance()
                 if self.step % self.cfg.log_every == 0 or self.step == 1:
                     log.log(self.step, **metrics)
                     last = metrics
                 if eval_fn is not None and self.cfg.eval_every > 0 and self.step % self.cfg.eval_every == 0:
-                    last_eval = eval_fn(self.step)
+                    last_eval, evaluated_at = self._evaluate(eval_fn), self.step
                     log.log(self.step, **{f"eval/{k}": v for k, v in last_eval.items()})
                 if self.cfg.ckpt_every > 0 and self.step % self.cfg.ckpt_every == 0:
                     self.save()
-                if self.cfg.max_minutes > 0 and time.time() - t0 > 60 * self.cfg.max_minutes:
+                # decided together: a rank that stopped alone would leave the others waiting forever
+                if self.cfg.max_minutes > 0 and distributed.any_rank(
+                        time.time() - t0 > 60 * self.cfg.max_minutes):
                     stopped_by_time = True
                     log.write(f"[{self.phase}] time budget of {self.cfg.max_minutes} min reached "
                               f"at step {self.step}")
                     break
             self.save()
-            if eval_fn is not None and (not last_eval or self.step % max(1, self.cfg.eval_every) != 0):
-                last_eval = eval_fn(self.step)
+            if eval_fn is not None and evaluated_at != self.step:
+                last_eval = self._evaluate(eval_fn)
                 log.log(self.step, **{f"eval/{k}": v for k, v in last_eval.items()})
         finally:
             log.close()
+        last_eval = distributed.broadcast_object(last_eval)
         return {"step": self.step, "train": last, "eval": last_eval, "minutes": (time.time() - t0) / 60,
                 "stopped_by_time": stopped_by_time}

@@ -52,7 +52,14 @@ def _border(v: np.ndarray, color: tuple[int, int, int]) -> None:
 
 
 def write_media(video: np.ndarray, path: str | Path, fps: int = 8, scale: int = 2) -> tuple[Path, Path]:
-    """Write ``<path>.mp4`` and ``<path>.gif`` (upscaled so small frames are viewable)."""
+    """Write ``<path>.mp4`` and ``<path>.gif`` (upscaled so small frames are viewable).
+
+    In a multi-process run only rank 0 writes (every rank may run the same evaluation)."""
+    from worldflow.distributed import is_main
+
+    if not is_main():
+        p = Path(path)
+        return p.with_name(p.name + ".mp4"), p.with_name(p.name + ".gif")
     return write_mp4_and_gif(path, video, fps=fps, scale=scale)
 
 
