@@ -22,8 +22,20 @@ from .catch import CatchEnv  # noqa: E402  (registration first: the modules belo
 from .policies import POLICY_KINDS, make_policy  # noqa: E402
 from .wrappers import ActionRepeat, Episode, PixelObservation, RecordEpisode, make_env  # noqa: E402
 
+
+def object_reader(env_id: str | None):
+    """A function frames (..., S, S, 3) -> {object name: bool cell grid} for envs whose sprites can be
+    read off the pixels (Catch), else None. Evaluation uses it to score object positions per horizon."""
+    if env_id == CATCH_ID:
+        from .catch import read_objects
+
+        return read_objects
+    return None
+
+
 __all__ = [
     "CATCH_ID",
+    "object_reader",
     "POLICY_KINDS",
     "ActionRepeat",
     "CatchEnv",

@@ -33,6 +33,28 @@ PADDLE_COLOUR = np.array([64, 160, 255], dtype=np.uint8)  # blue: differs from t
 LEFT, STAY, RIGHT = 0, 1, 2
 
 
+def read_objects(frames: np.ndarray) -> dict[str, np.ndarray]:
+    """Where the objects are in rendered (or predicted) Catch frames, cell by cell.
+
+    frames: ``(..., S, S, 3)`` uint8 in [0, 255] or float in [0, 1], S a multiple of GRID (no border).
+    Returns ``ball`` ``(..., GRID, GRID)`` bool (cells whose mean colour is ball-red) and ``paddle``
+    ``(..., GRID)`` bool (paddle-row cells that are paddle-blue). A cell counts when its mean colour is
+    nearer the sprite colour than to black in the channels that tell them apart, so a faint or smeared
+    prediction reads as empty: this is what lets evaluation ask "is the ball where it should be?".
+    """
+    f = np.asarray(frames, dtype=np.float32)
+    if f.max(initial=0.0) <= 1.0:
+        f = f * 255.0
+    size = f.shape[-2]
+    if f.shape[-3] != size or size % GRID:
+        raise ValueError(f"read_objects: frames must be square, side divisible by {GRID}; got {f.shape}")
+    c = size // GRID
+    cells = f.reshape(*f.shape[:-3], GRID, c, GRID, c, 3).mean(axis=(-4, -2))  # (..., GRID, GRID, 3)
+    ball = (cells[..., 0] > BALL_COLOUR[0] / 2) & (cells[..., 2] < PADDLE_COLOUR[2] / 2)
+    paddle = (cells[..., PADDLE_ROW, :, 2] > PADDLE_COLOUR[2] / 2) & (cells[..., PADDLE_ROW, :, 0] < 160)
+    return {"ball": ball, "paddle": paddle}
+
+
 class CatchEnv(gymnasium.Env):
     """Catch the falling balls with a paddle.
 

@@ -272,3 +272,26 @@ def test_make_env_errors_name_the_id(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "minigrid", None)
     with pytest.raises(MissingExtraError, match=r"MiniGrid-Empty-5x5-v0.*worldflow\[minigrid\]"):
         make_env("MiniGrid-Empty-5x5-v0")
+
+
+def test_catch_read_objects_recovers_state():
+    """The frame reader finds the ball and paddle cells the env drew, in uint8 and [0, 1] floats."""
+    from worldflow.envs.catch import GRID, PADDLE_HALF, PADDLE_ROW, CatchEnv, read_objects
+
+    env = CatchEnv(size=32)
+    obs, _ = env.reset(seed=3)
+    for _ in range(4):
+        obs, *_ = env.step(2)
+    for frames in (obs, obs.astype(np.float32) / 255.0):
+        o = read_objects(frames)
+        want_ball = np.zeros((GRID, GRID), bool)
+        want_ball[env._ball_row, env._ball_col] = True
+        np.testing.assert_array_equal(o["ball"], want_ball)
+        want_pad = np.zeros(GRID, bool)
+        want_pad[env._paddle - PADDLE_HALF: env._paddle + PADDLE_HALF + 1] = True
+        if env._ball_row == PADDLE_ROW:  # a caught ball is drawn over the paddle
+            want_pad[env._ball_col] = False
+        np.testing.assert_array_equal(o["paddle"], want_pad)
+    assert not read_objects(np.zeros((2, 32, 32, 3), np.uint8))["ball"].any()
+    with pytest.raises(ValueError, match="divisible"):
+        read_objects(np.zeros((30, 30, 3), np.uint8))

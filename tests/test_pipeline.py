@@ -39,10 +39,14 @@ def test_eval_rollout_schema(tiny_run, tiny_data, tmp_path):
             assert set(res[base][key]) == {"1", "2", "4"}
     assert res["steps"] == 2 and res["frames_per_second"] > 0
     assert set(res["steps_sweep"]) == {"1", "2"}
+    # Catch sprites are read off the pixels: object accuracy per horizon, for the model and both baselines
+    for obj in (res, res["baseline_copy_last"], res["shuffled_actions"]):
+        assert set(obj["objects"]) == {"ball", "paddle"}
+        assert all(0.0 <= v <= 1.0 for v in obj["objects"]["ball"].values())
     assert res["lpips"] is None and res["fvd"] is None  # absent, never faked
     media = tmp_path / "eval_media"
     for name in ("rollout.mp4", "rollout.gif", "psnr_vs_horizon.png", "ssim_vs_horizon.png",
-                 "psnr_vs_steps.png"):
+                 "psnr_vs_steps.png", "objects_vs_horizon.png"):
         assert (media / name).exists(), name
 
 

@@ -6,7 +6,9 @@ context frame, and the same rollout with actions shuffled across the batch (acti
 
 JSON keys (a public contract): ``psnr``, ``ssim`` (maps horizon -> mean), ``baseline_copy_last`` and
 ``shuffled_actions`` (each {"psnr": map, "ssim": map}), ``steps``, ``frames_per_second``, optional
-``steps_sweep`` (map K -> mean PSNR over the requested horizons), ``lpips`` and ``fvd`` (null: absent
+``steps_sweep`` (map K -> mean PSNR over the requested horizons), ``objects`` (envs whose sprites can be
+read off the pixels, e.g. Catch: {object: map horizon -> fraction of clips whose predicted object cells
+equal the true ones}; also inside both baselines), ``lpips`` and ``fvd`` (null: absent
 unless their weights are configured locally), ``context``, ``clips``; ``--tokenizer-only`` writes
 ``recon_psnr`` and ``recon_ssim``; ``--env ID --episodes N`` writes ``policy_return``, ``random_return``,
 ``expert_return`` (where the env has an expert) and ``bc_return`` (where a BC policy exists), each the
@@ -45,8 +47,8 @@ class RolloutEvaluator:
     """Scores open-loop rollouts on a fixed set of held-out clips (same clips at every call)."""
 
     def __init__(self, tok, bank: ClipBank, cfg: Config, device: torch.device,
-                 context: int, horizon: int, clips: int = 32, seed: int = 0):
-        self.tok, self.cfg, self.device = tok, cfg, device
+                 context: int, horizon: int, clips: int = 32, seed: int = 0, reader=None):
+        self.tok, self.cfg, self.device, self.reader = tok, cfg, device, reader
         self.context, self.horizon = context, horizon
         self.batch = {k: v.to(device) for k, v in bank.fixed_batch(clips, context + horizon).items()}
         self.seed = seed
@@ -82,7 +84,17 @@ class RolloutEvaluator:
         truth = self.truth_frames()
         p, s = psnr(pred, truth).mean(0), ssim(pred, truth).mean(0)
         hs = [h for h in horizons if h <= self.horizon]
-        return {"psnr": {h: float(p[h - 1]) for h in hs}, "ssim": {h: float(s[h - 1]) for h in hs}}
+        out: dict = {"psnr": {h: float(p[h - 1]) for h in hs}, "ssim": {h: float(s[h - 1]) for h in hs}}
+        if self.reader is not None:
+            acc = self.object_accuracy(pred)
+            out["objects"] = {k: {h: float(v[h - 1]) for h in hs} for k, v in acc.items()}
+        return out
+
+    def object_accuracy(self, pred: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per object: the fraction of clips, per horizon (H,), whose predicted cells equal the truth."""
+        got, want = self.reader(pred.cpu().numpy()), self.reader(self.truth_frames().cpu().numpy())
+        return {k: torch.as_tensor((got[k] == want[k]).reshape(*got[k].shape[:2], -1).all(-1).mean(0))
+                for k in got}
 
     def quick(self, model, step: int, media_dir: Path | None = None) -> dict[str, float]:
         """Mean PSNR over horizons 1..H with the configured K, against copy-last; writes a video."""
@@ -93,6 +105,8 @@ class RolloutEvaluator:
         truth = self.truth_frames()
         out = {"psnr": float(psnr(pred, truth).mean()), "psnr_copy_last": float(psnr(self.copy_last(),
                                                                                     truth).mean())}
+        if self.reader is not None:
+            out.update({f"{k}_accuracy": float(v.mean()) for k, v in self.object_accuracy(pred).items()})
         if media_dir is not None:
             self.write_video(pred, Path(media_dir) / f"rollout_{step:07d}")
         return out
@@ -127,7 +141,8 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     bank = latent_bank(run, data, cfg, "heldout", tok, progress)
     bank = with_frames(bank, data, cfg, progress)
     horizon = max(horizons)
-    ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips)
+    ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips,
+                          reader=reader_of(data))
     t0 = time.time()
     pred = ev.predict(model, steps)
     fps = pred.shape[0] * pred.shape[1] / (time.time() - t0)
@@ -146,6 +161,14 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     return res
 
 
+def reader_of(data: str | Path):
+    """The object reader of the dataset's env (worldflow.envs.object_reader), or None."""
+    from worldflow.envs import object_reader
+    from worldflow.episodes import load_manifest
+
+    return object_reader(load_manifest(data).get("env_id"))
+
+
 def with_frames(bank: ClipBank, data, cfg: Config, progress: bool) -> ClipBank:
     """Attach the real frames to a latent bank (ground truth for scoring)."""
     frames = ClipBank.load(data, cfg.data, split="heldout", progress=progress)
@@ -161,6 +184,11 @@ def _plots(res: dict[str, Any], out_dir: Path) -> None:
                      "copy last frame": res["baseline_copy_last"][metric],
                      "shuffled actions": res["shuffled_actions"][metric]},
                     "horizon (frames)", metric.upper(), title=f"{metric.upper()} vs horizon")
+    if "objects" in res:
+        curves = {f"{k} (model)": v for k, v in res["objects"].items()}
+        curves.update({f"{k} (copy last)": v for k, v in res["baseline_copy_last"]["objects"].items()})
+        plot_curves(out_dir / "objects_vs_horizon.png", curves, "horizon (frames)",
+                    "clips with the object in the right cells", title="object accuracy vs horizon")
     if "steps_sweep" in res:
         plot_curves(out_dir / "psnr_vs_steps.png", {"model": res["steps_sweep"]}, "sampling steps K",
                     "mean PSNR (dB)", title="quality vs K")

@@ -80,7 +80,7 @@ def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok,
 
 def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, progress: bool = True
           ) -> dict[str, Any]:
-    from worldflow.evaluate import RolloutEvaluator, with_frames
+    from worldflow.evaluate import RolloutEvaluator, reader_of, with_frames
     from worldflow.imagination import record_dataset
     from worldflow.train_tokenizer import load_tokenizer
 
@@ -100,7 +100,8 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     context = min(8, dyn.context)
     # score 16 predicted frames, or as many as the longest held-out episode allows
     horizon = max(1, min(16, int(held_bank.lengths.max()) - context))
-    evaluator = RolloutEvaluator(tok, held_bank, cfg, device, context=context, horizon=horizon)
+    evaluator = RolloutEvaluator(tok, held_bank, cfg, device, context=context, horizon=horizon,
+                                 reader=reader_of(data))
 
     def batch_fn(gen: torch.Generator) -> dict[str, torch.Tensor]:
         long = dyn.long_every > 0 and (trainer.step + 1) % dyn.long_every == 0
