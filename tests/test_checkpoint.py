@@ -84,3 +84,30 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 5"):
         t.fit(_batch, bad_loss)
     assert latest_checkpoint(tmp_path / "toy" / "checkpoints").name == "step_00000004"
+
+
+def test_head_lr_applies_to_heads_only(tmp_path):
+    """train.head_lr sets the peak lr of parameters under ``heads.``; the schedule scales both groups, and
+    weight decay still skips 1-D parameters."""
+    from worldflow.trainer import lr_at, make_optimizer
+
+    class WithHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(3, 3)
+            self.heads = torch.nn.Linear(3, 2)
+
+    model = WithHeads()
+    cfg = TrainConfig(lr=1e-3, head_lr=4e-3, warmup=2, steps=1, ckpt_every=0, log_every=1)
+    opt = make_optimizer(model, cfg)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(model.heads.weight)]["lr_scale"] == pytest.approx(4.0)
+    assert by_param[id(model.body.weight)]["lr_scale"] == 1.0
+    assert by_param[id(model.heads.bias)]["weight_decay"] == 0.0
+    assert by_param[id(model.body.weight)]["weight_decay"] == cfg.weight_decay
+    assert sum(len(g["params"]) for g in opt.param_groups) == 4
+    t = Trainer(model, cfg, tmp_path, "x", {}, progress=False)
+    t.fit(lambda g: torch.ones(2, 3), lambda m, b, g: ((m.body(b).sum() + m.heads(b).sum()) ** 2, {}))
+    lrs = {g["lr_scale"]: g["lr"] for g in t.opt.param_groups}
+    assert lrs[4.0] == pytest.approx(4 * lr_at(0, cfg)) and lrs[1.0] == pytest.approx(lr_at(0, cfg))
+    assert make_optimizer(model, TrainConfig(lr=1e-3)).param_groups[0]["lr_scale"] == 1.0  # head_lr 0: off

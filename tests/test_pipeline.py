@@ -100,3 +100,27 @@ def test_bench_quick_smoke(tmp_path):
         assert res[what]["tiny"]["tokens_per_s"] > 0 and res[what]["tiny"]["flop_per_step"] > 0
     assert set(res["rollout"]["cache"]) == {"16", "64"}
     assert out.with_suffix(".md").exists()
+
+
+def test_ablations_smoke(tiny_run, tiny_data, tmp_path, monkeypatch):
+    """The ablation script trains a variant for a fixed step count, scores it (PSNR and, on Catch, ball
+    accuracy at each K) and writes JSON and a Markdown table; a second call resumes instead of retraining."""
+    import sys
+
+    from benchmarks import ablations
+
+    out = tmp_path / "abl"
+    argv = ["ablations", "--run", str(tiny_run), "--data", str(tiny_data), "--config", "tiny", "--steps", "2",
+            "--only", "flow matching x-pred", "--out", str(out)]
+    monkeypatch.setattr(ablations, "SWEEP", [1, 2])
+    monkeypatch.setattr(ablations, "HORIZONS", [1, 2])
+    monkeypatch.setattr(ablations, "CONTEXT", 2)
+    monkeypatch.setattr(sys, "argv", argv)
+    assert ablations.main() == 0
+    rows = json.loads((out / "ablations.json").read_text())
+    row = rows["flow matching x-pred"]["0"]
+    assert {"psnr_k1", "psnr_k2", "ball_k1", "ball_k2", "copy_last", "ball_copy_last"} <= set(row)
+    assert "| flow matching x-pred | 1 |" in (out / "ablations.md").read_text()
+    mtime = (out / "ablations.json").stat().st_mtime_ns
+    assert ablations.main() == 0  # finished (variant, seed) pairs are not retrained
+    assert (out / "ablations.json").stat().st_mtime_ns == mtime

@@ -116,6 +116,7 @@ class AgentConfig:
     pmpo_beta: float = 0.3
     horizon: int = 16  # imagination rollout length
     imag_batch: int = 32
+    imag_steps: int = 0  # K for imagined rollouts in phase 3 (0 = dynamics.steps)
     train_backbone: bool = False
 
 
@@ -138,6 +139,7 @@ class TrainConfig:
     steps: int = 1000
     batch: int = 8
     lr: float = 3e-4
+    head_lr: float = 0.0  # peak lr of parameters under ``heads.`` (new agent heads); 0 = lr
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
     warmup: int = 100

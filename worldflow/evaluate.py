@@ -6,13 +6,16 @@ context frame, and the same rollout with actions shuffled across the batch (acti
 
 JSON keys (a public contract): ``psnr``, ``ssim`` (maps horizon -> mean), ``baseline_copy_last`` and
 ``shuffled_actions`` (each {"psnr": map, "ssim": map}), ``steps``, ``frames_per_second``, optional
-``steps_sweep`` (map K -> mean PSNR over the requested horizons), ``objects`` (envs whose sprites can be
-read off the pixels, e.g. Catch: {object: map horizon -> fraction of clips whose predicted object cells
-equal the true ones}; also inside both baselines), ``lpips`` and ``fvd`` (null: absent
+``steps_sweep`` (map K -> mean PSNR over the requested horizons), ``lpips`` and ``fvd`` (null: absent
 unless their weights are configured locally), ``context``, ``clips``; ``--tokenizer-only`` writes
 ``recon_psnr`` and ``recon_ssim``; ``--env ID --episodes N`` writes ``policy_return``, ``random_return``,
 ``expert_return`` (where the env has an expert) and ``bc_return`` (where a BC policy exists), each the
 mean over the episodes.
+
+For envs whose sprites can be read off the pixels (Catch, see worldflow.envs.object_reader) it adds
+``objects`` ({object: map horizon -> fraction of clips whose predicted object cells equal the true ones},
+also inside both baselines) and, with a sweep, ``steps_sweep_objects`` (map K -> {object: mean accuracy
+over the horizons}).
 """
 
 from __future__ import annotations
@@ -154,8 +157,11 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     res["lpips"] = None  # absent: needs local LPIPS weights (tokenizer.lpips_path)
     res["fvd"] = None  # absent: needs local I3D weights
     if steps_sweep:
-        res["steps_sweep"] = {k: _mean_over(ev.per_horizon(ev.predict(model, k), horizons)["psnr"], horizons)
-                              for k in steps_sweep}
+        sweep = {k: ev.per_horizon(ev.predict(model, k), horizons) for k in steps_sweep}
+        res["steps_sweep"] = {k: _mean_over(r["psnr"], horizons) for k, r in sweep.items()}
+        if ev.reader is not None:
+            res["steps_sweep_objects"] = {k: {o: _mean_over(m, horizons) for o, m in r["objects"].items()}
+                                          for k, r in sweep.items()}
     ev.write_video(pred, out_dir / "rollout")
     _plots(res, out_dir)
     return res

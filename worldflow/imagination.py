@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from worldflow import flow
 from worldflow.agent import AgentHeads
 from worldflow.config import Config
+from worldflow.distributed import rows_of
 from worldflow.dynamics import RolloutStream, shift_actions
 
 
@@ -54,8 +55,9 @@ class AgentModel(nn.Module):
         b, t = latents.shape[:2]
         if cfg.context_noise:
             tau_val = flow.snap_tau(cfg.context_signal, cfg.k_max)
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device,
-                                dtype=latents.dtype)
+            rows = rows_of(b)  # noise drawn for the global batch and cut, as in dynamics_loss
+            noise = rows.take(torch.randn((rows.total, *latents.shape[1:]), generator=generator,
+                                          device=latents.device, dtype=latents.dtype))
             z = flow.corrupt(latents, noise, torch.full((b, t), tau_val, device=latents.device))
         else:
             tau_val, z = 1.0 - 1.0 / cfg.k_max, latents

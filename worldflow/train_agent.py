@@ -122,7 +122,7 @@ def train_imagination(cfg: Config, data, run, resume: bool = True, progress: boo
 
     def batch_fn(gen: torch.Generator):
         ctx = _sample(bank, cfg.agent.imag_batch, context, gen, device)
-        return imagine(model, ctx, cfg.agent.horizon, bc_cfg.dynamics.steps, gen)
+        return imagine(model, ctx, cfg.agent.horizon, cfg.agent.imag_steps or bc_cfg.dynamics.steps, gen)
 
     return trainer.fit(batch_fn, lambda m, im, gen: rl_losses(m, prior, im, cfg), resume=resume)
 

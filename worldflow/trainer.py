@@ -31,11 +31,22 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm gains, biases and embeddings of size 1-D excluded)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with weight decay on matrices only (norm gains, biases and embeddings of size 1-D excluded).
+
+    Each group carries ``lr_scale``: parameters under ``heads.`` (agent heads freshly added to a pretrained
+    backbone) run at ``cfg.head_lr`` when it is set, the rest at ``cfg.lr``; the schedule scales both.
+    """
+    head_scale = cfg.head_lr / cfg.lr if cfg.head_lr > 0 else 1.0
+    groups = []
+    for is_head in (False, True):
+        params = [p for n, p in model.named_parameters()
+                  if p.requires_grad and n.startswith("heads.") == is_head]
+        scale = head_scale if is_head else 1.0
+        for decay in (True, False):
+            ps = [p for p in params if (p.ndim >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
+                               "lr_scale": scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
