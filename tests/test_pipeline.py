@@ -124,3 +124,18 @@ def test_ablations_smoke(tiny_run, tiny_data, tmp_path, monkeypatch):
     mtime = (out / "ablations.json").stat().st_mtime_ns
     assert ablations.main() == 0  # finished (variant, seed) pairs are not retrained
     assert (out / "ablations.json").stat().st_mtime_ns == mtime
+
+
+def test_demo_smoke(tmp_path, capsys):
+    """`worldflow demo` runs every stage end to end on the tiny preset and writes what the README promises."""
+    run = tmp_path / "demo"
+    assert main(["demo", "--config", "tiny", "--run", str(run), "--no-progress"]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    for key in ("tokenizer_recon_psnr", "rollout_psnr_mean_h1_16", "policy_return", "bc_return",
+                "random_return", "expert_return", "policy_return_mode", "bc_return_mode", "total_min"):
+        assert s[key] is not None, key
+    agent = json.loads((run / "eval" / "agent.json").read_text())
+    assert agent["episodes"] == 50 and agent["expert_return"] == 10.0
+    for name in ("rollout.mp4", "rollout.gif", "psnr_vs_horizon.png", "objects_vs_horizon.png", "eval.json"):
+        assert (run / "eval" / name).exists(), name
+    assert "worldflow demo summary" in capsys.readouterr().out
