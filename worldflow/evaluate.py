@@ -52,6 +52,7 @@ class RolloutEvaluator:
     def __init__(self, tok, bank: ClipBank, cfg: Config, device: torch.device,
                  context: int, horizon: int, clips: int = 32, seed: int = 0, reader=None):
         self.tok, self.cfg, self.device, self.reader = tok, cfg, device, reader
+        self._truth_objects: dict | None = None
         self.context, self.horizon = context, horizon
         self.batch = {k: v.to(device) for k, v in bank.fixed_batch(clips, context + horizon).items()}
         self.seed = seed
@@ -93,9 +94,15 @@ class RolloutEvaluator:
             out["objects"] = {k: {h: float(v[h - 1]) for h in hs} for k, v in acc.items()}
         return out
 
+    def truth_objects(self) -> dict:
+        """The objects read off the ground-truth frames: fixed clips, so read once and kept."""
+        if self._truth_objects is None:
+            self._truth_objects = self.reader(self.truth_frames().cpu().numpy())
+        return self._truth_objects
+
     def object_accuracy(self, pred: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per object: the fraction of clips, per horizon (H,), whose predicted cells equal the truth."""
-        got, want = self.reader(pred.cpu().numpy()), self.reader(self.truth_frames().cpu().numpy())
+        got, want = self.reader(pred.cpu().numpy()), self.truth_objects()
         return {k: torch.as_tensor((got[k] == want[k]).reshape(*got[k].shape[:2], -1).all(-1).mean(0))
                 for k in got}
 

@@ -81,12 +81,12 @@ class _Step(torch.nn.Module):
 
     def forward(self, gen: torch.Generator):
         batch = self.batch_fn(gen)
-        if not distributed.is_distributed():
-            with self.autocast():
-                return self.loss_fn(self.model, batch, gen)
-        rows = distributed.split_rows(distributed.batch_size(batch))
-        batch = distributed.take_rows(batch, rows)
-        with distributed.batch_rows(rows), self.autocast():
+        rows_ctx = nullcontext()
+        if distributed.is_distributed():
+            rows = distributed.split_rows(distributed.batch_size(batch))
+            batch = distributed.take_rows(batch, rows)
+            rows_ctx = distributed.batch_rows(rows)
+        with rows_ctx, self.autocast():
             return self.loss_fn(self.model, batch, gen)
 
 
