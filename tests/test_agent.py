@@ -448,3 +448,39 @@ def test_pmpo_policy_loss_gradients_only_into_the_policy():
     opt.step()
     after = heads2.policy(h.detach()).log_prob(actions).detach()
     assert (after - before)[adv > 0].sum() > 0 > (after - before)[adv < 0].sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# phase-2 loss normalisation
+
+
+def _phase2_batch(cfg, b=2, t=4, seed=0):
+    g = gen(seed)
+    n, d = cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim
+    return {"latents": torch.rand(b, t, n, d, generator=g) * 2 - 1,
+            "actions": torch.randint(0, 3, (b, t), generator=g),
+            "action_mask": torch.ones(b, t, dtype=torch.bool),
+            "rewards": torch.randint(-1, 2, (b, t), generator=g).float(),
+            "terminated": torch.zeros(b, t, dtype=torch.bool)}
+
+
+def test_phase2_terms_are_divided_by_their_running_rms():
+    """loss = Σ_k L_k / RMS_k with RMS_k = sqrt(EMA(L_k²)) (bias-corrected), so the first step gives one
+    per term and the dynamics loss is not drowned by the 9-step BC sum; loss_norm=False gives Σ_k L_k."""
+    from worldflow.config import load_config
+    from worldflow.imagination import PHASE2_TERMS, AgentModel
+    from worldflow.train_agent import bc_losses
+
+    cfg = load_config("tiny")
+    model = AgentModel(cfg, gym.spaces.Discrete(3)).train()
+    d = cfg.agent.loss_norm_decay
+    loss1, t1 = bc_losses(model, _phase2_batch(cfg, seed=0), cfg, gen(1))
+    assert torch.allclose(loss1, torch.tensor(float(len(PHASE2_TERMS))), atol=1e-5)
+    loss2, t2 = bc_losses(model, _phase2_batch(cfg, seed=2), cfg, gen(3))
+    want = sum(t2[k] / math.sqrt((d * (1 - d) * t1[k] ** 2 + (1 - d) * t2[k] ** 2) / (1 - d * d))
+               for k in PHASE2_TERMS)
+    assert torch.allclose(loss2, want, rtol=1e-4)
+    assert {f"loss_rms.{k}.mean_sq" for k in PHASE2_TERMS} <= set(model.state_dict())  # checkpointed
+    cfg.agent.loss_norm = False
+    loss3, t3 = bc_losses(model, _phase2_batch(cfg, seed=4), cfg, gen(5))
+    assert torch.allclose(loss3, sum(t3[k] for k in PHASE2_TERMS), rtol=1e-5)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import torch
 
 from worldflow.metrics import psnr, ssim
@@ -38,3 +39,19 @@ def test_ssim_constant_shift_matches_formula():
     c1 = 0.01**2
     expected = (2 * 0.3 * 0.6 + c1) / (0.3**2 + 0.6**2 + c1)
     assert torch.allclose(ssim(a, b), torch.tensor([expected]), atol=1e-5)
+
+
+def test_object_match_counts_exact_frames_only():
+    from worldflow.envs.catch import read_objects
+
+    from worldflow.metrics import object_match
+
+    truth = np.zeros((2, 3, 64, 64, 3), np.uint8)  # 2 clips x 3 frames, one ball in cell (2, 5)
+    truth[:, :, 16:24, 40:48] = (255, 64, 64)
+    pred = truth.copy()
+    pred[0, 1] = 0  # ball lost in one frame
+    pred[1, 2, 16:24, 40:48] = (60, 15, 15)  # ball too faint to read in another
+    m = object_match(read_objects(pred), read_objects(truth), lead=2)
+    assert m["ball"].shape == (2, 3) and m["paddle"].shape == (2, 3)
+    assert m["ball"].tolist() == [[True, False, True], [True, True, False]]
+    assert m["paddle"].all()  # no paddle anywhere, in both

@@ -23,8 +23,10 @@ def test_eval_tokenizer_only(tiny_run, tiny_data, tmp_path):
     assert main(["eval", "--run", str(tiny_run), "--data", str(tiny_data), "--tokenizer-only",
                  "--out", str(out), "--no-progress"]) == 0
     res = json.loads(out.read_text())
-    assert set(res) >= {"recon_psnr", "recon_ssim"}
+    assert set(res) >= {"recon_psnr", "recon_ssim", "recon_objects"}  # tiny data is Catch: objects readable
     assert 0 < res["recon_psnr"] < 100 and -1 <= res["recon_ssim"] <= 1
+    assert set(res["recon_objects"]) == {"ball", "paddle"}
+    assert all(0 <= v <= 1 for v in res["recon_objects"].values())
 
 
 def test_eval_rollout_schema(tiny_run, tiny_data, tmp_path):

@@ -99,15 +99,17 @@ class ClipBank:
         return self.fixed_batch(n, clip_len)[key]
 
     def fixed_batch(self, n: int, clip_len: int) -> dict[str, torch.Tensor]:
+        """``n`` deterministic windows: episodes taken in turn, each window at a fixed pseudo-random start.
+
+        Starts are spread by a fixed hash rather than all at frame 0: in a game with a fixed cycle (Catch
+        drops a ball every 8 frames) episode-start windows would put the same phase of the cycle (a random
+        respawn) at every horizon, and the evaluation would score only the unpredictable part.
+        """
         eligible = [i for i, L in enumerate(self.lengths.tolist()) if L >= clip_len]
         if not eligible:
             raise ValueError(f"no episode has {clip_len} frames (longest: {int(self.lengths.max())})")
         picks = [eligible[k % len(eligible)] for k in range(n)]
-        starts = []
-        for k, e in enumerate(picks):
-            span = int(self.lengths[e]) - clip_len
-            rep = k // len(eligible)  # later passes over the episodes take later windows
-            starts.append((rep * 7919) % (span + 1) if span > 0 else 0)
+        starts = [((k + 1) * 7919) % (int(self.lengths[e]) - clip_len + 1) for k, e in enumerate(picks)]
         return self._gather(picks, starts, clip_len)
 
     def _gather(self, eps: list[int], starts: list[int], clip_len: int) -> dict[str, torch.Tensor]:

@@ -61,7 +61,9 @@ def run_demo(cfg: Config, run: Path, data: Path | None = None, progress: bool = 
     atomic_write_text(run / "eval" / "agent.json", json.dumps(agent, indent=2))
     summary = {"tokenizer_recon_psnr": tok["eval"].get("recon_psnr"),
                "tokenizer_recon_ssim": tok["eval"].get("recon_ssim"),
+               **{f"tokenizer_{k}": v for k, v in tok["eval"].items() if k.endswith("_accuracy")},
                "rollout_psnr_mean_h1_16": _mean(ev["psnr"]),
+               **{f"rollout_{k}_accuracy_h1_16": _mean(v) for k, v in ev.get("objects", {}).items()},
                "copy_last_psnr_mean_h1_16": _mean(ev["baseline_copy_last"]["psnr"]),
                "shuffled_actions_psnr_mean_h1_16": _mean(ev["shuffled_actions"]["psnr"]),
                "steps": ev["steps"],
@@ -76,13 +78,20 @@ def _mean(m: dict) -> float:
     return sum(m.values()) / max(1, len(m))
 
 
+def _objects(s: dict, prefix: str, suffix: str) -> str:
+    """', ball 97% paddle 100% right': the object accuracies among summary keys prefix<object>suffix."""
+    found = {k[len(prefix):-len(suffix)]: v for k, v in s.items()
+             if k.startswith(prefix) and k.endswith(suffix)}
+    return (", " + " ".join(f"{k} {100 * v:.0f}%" for k, v in found.items()) + " right") if found else ""
+
+
 def _print_summary(s: dict, run: Path) -> None:
     print("\n=== worldflow demo summary ===")
     print(f"tokenizer  held-out reconstruction PSNR {s['tokenizer_recon_psnr']:.2f} dB, "
-          f"SSIM {s['tokenizer_recon_ssim']:.4f}")
+          f"SSIM {s['tokenizer_recon_ssim']:.4f}" + _objects(s, "tokenizer_recon_", "_accuracy"))
     print(f"dynamics   rollout PSNR (mean h=1..16, K={s['steps']}) {s['rollout_psnr_mean_h1_16']:.2f} dB | "
           f"copy-last {s['copy_last_psnr_mean_h1_16']:.2f} dB | shuffled actions "
-          f"{s['shuffled_actions_psnr_mean_h1_16']:.2f} dB")
+          f"{s['shuffled_actions_psnr_mean_h1_16']:.2f} dB" + _objects(s, "rollout_", "_accuracy_h1_16"))
     print(f"agent      real-env return (mean of {EVAL_EPISODES} episodes): imagination policy "
           f"{s['policy_return']:.2f} | "
           f"BC only {s['bc_return']:.2f} | random {s['random_return']:.2f} | expert {s['expert_return']:.2f}")

@@ -31,7 +31,7 @@ import torch
 from worldflow.clips import ClipBank
 from worldflow.config import Config
 from worldflow.io import atomic_write_text
-from worldflow.metrics import psnr, ssim
+from worldflow.metrics import object_match, psnr, ssim
 from worldflow.visual import comparison_video, plot_curves, write_media
 
 DEFAULT_HORIZONS = (1, 2, 4, 8, 16, 32, 64)
@@ -102,9 +102,8 @@ class RolloutEvaluator:
 
     def object_accuracy(self, pred: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per object: the fraction of clips, per horizon (H,), whose predicted cells equal the truth."""
-        got, want = self.reader(pred.cpu().numpy()), self.truth_objects()
-        return {k: torch.as_tensor((got[k] == want[k]).reshape(*got[k].shape[:2], -1).all(-1).mean(0))
-                for k in got}
+        match = object_match(self.reader(pred.cpu().numpy()), self.truth_objects(), lead=2)
+        return {k: torch.as_tensor(m.mean(0)) for k, m in match.items()}
 
     def quick(self, model, step: int, media_dir: Path | None = None) -> dict[str, float]:
         """Mean PSNR over horizons 1..H with the configured K, against copy-last; writes a video."""
@@ -217,9 +216,12 @@ def evaluate_tokenizer_run(run: str | Path, data: str | Path, clips: int, progre
     tok.to(device)
     held = ClipBank.load(data, cfg.data, split="heldout", progress=progress)
     frames = held.fixed_clips(clips, cfg.data.clip_len).to(device)
-    r = evaluate_tokenizer(tok, frames)
-    return {"recon_psnr": r["recon_psnr"], "recon_ssim": r["recon_ssim"], "clips": int(frames.shape[0]),
-            "clip_len": int(frames.shape[1])}
+    r = evaluate_tokenizer(tok, frames, reader=reader_of(data))
+    out = {"recon_psnr": r["recon_psnr"], "recon_ssim": r["recon_ssim"], "clips": int(frames.shape[0]),
+           "clip_len": int(frames.shape[1])}
+    if "objects" in r:
+        out["recon_objects"] = r["objects"]
+    return out
 
 
 def evaluate_agent_run(run: str | Path, env_id: str, episodes: int, seed: int = 12345, progress: bool = True

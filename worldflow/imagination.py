@@ -23,6 +23,9 @@ from worldflow.agent import AgentHeads
 from worldflow.config import Config
 from worldflow.distributed import rows_of
 from worldflow.dynamics import RolloutStream, shift_actions
+from worldflow.tokenizer import RunningRMS
+
+PHASE2_TERMS = ("dynamics", "bc", "reward", "continue")
 
 
 def features(agent_out: Tensor) -> Tensor:
@@ -43,6 +46,8 @@ class AgentModel(nn.Module):
 
         self.dynamics = build_dynamics(cfg, action_space)
         self.heads = AgentHeads(feature_dim(cfg), action_space, cfg.agent, num_tasks=cfg.dynamics.num_tasks)
+        # Running RMS of each phase-2 loss term (buffers only: checkpointed so a resume is exact)
+        self.loss_rms = nn.ModuleDict({k: RunningRMS(cfg.agent.loss_norm_decay) for k in PHASE2_TERMS})
 
     def context_features(self, latents: Tensor, actions: Any, action_mask: Tensor | None,
                          generator: torch.Generator | None = None) -> Tensor:

@@ -58,3 +58,14 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 7, sigma: float
     den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
     per = (num / den).mean(dim=(-1, -2)).view(-1, c).mean(-1)
     return per.view(lead)
+
+
+
+def object_match(got: dict, want: dict, lead: int) -> dict:
+    """Per object: does each predicted frame have exactly the true object cells?
+
+    got, want: an object reader's output (worldflow.envs.object_reader) on predicted and true frames,
+    {name: bool array (*L, *cells)} with ``lead`` leading dims L (e.g. 2 for clips × frames); each
+    object may have its own cell shape. Returns {name: bool array L}.
+    """
+    return {k: (got[k] == w).reshape(*w.shape[:lead], -1).all(-1) for k, w in want.items()}

@@ -64,9 +64,21 @@ def bc_losses(model: AgentModel, b: dict[str, torch.Tensor], cfg: Config, gen: t
     rew_mask = torch.cat([torch.zeros_like(b["action_mask"][:, :1]), b["action_mask"][:, :-1]], dim=1)
     mtp = bc_mtp_loss(heads, h, acts, b["action_mask"], rew, reward_mask=rew_mask)
     cont = continue_loss(heads.continue_logit(h[:, 1:]), b["terminated"][:, :-1], b["action_mask"][:, :-1])
-    loss = dyn_loss + mtp.loss + cont
-    return loss, {"dynamics": dyn_loss.detach(), "bc": mtp.bc.detach(), "reward": mtp.reward.detach(),
-                  "continue": cont.detach(), "flow": terms["flow"], "bootstrap": terms["bootstrap"]}
+    raw = {"dynamics": dyn_loss, "bc": mtp.bc, "reward": mtp.reward, "continue": cont}
+    loss = sum(phase2_weighted(model, raw, cfg.agent.loss_norm).values())
+    logs = {k: v.detach() for k, v in raw.items()}
+    return loss, {**logs, "flow": terms["flow"], "bootstrap": terms["bootstrap"]}
+
+
+def phase2_weighted(model: AgentModel, raw: dict[str, torch.Tensor], norm: bool) -> dict[str, torch.Tensor]:
+    """Each phase-2 loss term, divided by its running RMS when ``norm`` (else unchanged).
+
+    Every term then contributes gradients of unit typical scale: the dynamics loss stays on in earnest
+    instead of being outweighed by the multi-token BC sum.
+    """
+    if not norm:
+        return dict(raw)
+    return {k: v / (model.loss_rms[k](v) + 1e-8) for k, v in raw.items()}
 
 
 def train_bc(cfg: Config, data, run, resume: bool = True, progress: bool = True) -> dict[str, Any]:
