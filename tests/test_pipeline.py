@@ -41,6 +41,8 @@ def test_eval_rollout_schema(tiny_run, tiny_data, tmp_path):
             assert set(res[base][key]) == {"1", "2", "4"}
     assert res["steps"] == 2 and res["frames_per_second"] > 0
     assert set(res["steps_sweep"]) == {"1", "2"}
+    # a fixed seed gives the same rollout: the sweep's K = --steps entry is the main result's mean PSNR
+    assert res["steps_sweep"]["2"] == pytest.approx(sum(res["psnr"].values()) / 3, rel=1e-6)
     # Catch sprites are read off the pixels: object accuracy per horizon, for the model and both baselines
     for obj in (res, res["baseline_copy_last"], res["shuffled_actions"]):
         assert set(obj["objects"]) == {"ball", "paddle"}
