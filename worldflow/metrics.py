@@ -60,7 +60,6 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 7, sigma: float
     return per.view(lead)
 
 
-
 def object_match(got: dict, want: dict, lead: int) -> dict:
     """Per object: does each predicted frame have exactly the true object cells?
 
