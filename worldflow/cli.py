@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from worldflow.distributed import quiet_unless_main
+    from worldflow.distributed import quiet_unless_main, shutdown
 
     quiet_unless_main()  # under torchrun, only rank 0 prints
     parser = build_parser()
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except ConfigError as e:
         parser.exit(2, f"worldflow: config error: {e}\n")
+    shutdown()  # torchrun: every rank leaves the process group together (no-op otherwise)
     return int(rc or 0)
 
 

@@ -91,6 +91,16 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a successful command: wait for every rank, then
+    destroy it while the interpreter is still whole. Left to ``atexit`` alone, the teardown ran during
+    interpreter finalisation and rank 0 sometimes aborted ("terminate called without an active
+    exception") after an FSDP2 run had finished; the ``atexit`` hook stays as the fallback for errors."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_for(device: str | torch.device) -> torch.device:
     """The device this process should use for a configured ``device``: ``cuda`` becomes
     ``cuda:LOCAL_RANK`` under torchrun (joining the process group first); anything else is unchanged."""
