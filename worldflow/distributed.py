@@ -98,7 +98,7 @@ def shutdown() -> None:
     exception") after an FSDP2 run had finished; the ``atexit`` hook stays as the fallback for errors."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        _shutdown()
 
 
 def device_for(device: str | torch.device) -> torch.device:

@@ -156,8 +156,8 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     pred = ev.predict(model, steps)
     fps = pred.shape[0] * pred.shape[1] / (time.time() - t0)
     res: dict[str, Any] = {"steps": steps, "context": context, "clips": int(pred.shape[0])}
-    main = ev.per_horizon(pred, horizons)
-    res.update(main)
+    at_steps = ev.per_horizon(pred, horizons)
+    res.update(at_steps)
     res["baseline_copy_last"] = ev.per_horizon(ev.copy_last(), horizons)
     res["shuffled_actions"] = ev.per_horizon(ev.predict(model, steps, shuffle_actions=True), horizons)
     res["frames_per_second"] = fps
@@ -165,7 +165,7 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     res["fvd"] = None  # absent: needs local I3D weights
     if steps_sweep:
         # the same seed gives the same rollout, so K = steps is not generated a second time
-        sweep = {k: main if k == steps else ev.per_horizon(ev.predict(model, k), horizons)
+        sweep = {k: at_steps if k == steps else ev.per_horizon(ev.predict(model, k), horizons)
                  for k in steps_sweep}
         res["steps_sweep"] = {k: _mean_over(r["psnr"], horizons) for k, r in sweep.items()}
         if ev.reader is not None:
