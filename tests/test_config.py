@@ -12,6 +12,7 @@ from worldflow.config import (
     read_config,
     save_config,
     to_dict,
+    warn_if_window_exceeds_training,
 )
 
 
@@ -20,6 +21,25 @@ def test_presets_load(preset):
     cfg = load_config(preset)
     assert cfg.preset == preset
     assert cfg.tokenizer.transformer.width > 0
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_presets_never_attend_further_back_than_they_train(preset):
+    """Every shipped preset keeps each temporal window within its longest training clip."""
+    cfg = load_config(preset)
+    assert cfg.tokenizer.context <= (cfg.tokenizer.clip_len or cfg.data.clip_len)
+    dyn = cfg.dynamics
+    assert dyn.context <= max(cfg.data.clip_len, dyn.long_len if dyn.long_every > 0 else 0)
+
+
+def test_window_warning_names_the_section():
+    with pytest.warns(UserWarning, match="dynamics.context=16 exceeds the 8-frame"):
+        warn_if_window_exceeds_training("dynamics", 16, 8)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_window_exceeds_training("dynamics", 8, 8)
 
 
 def test_preset_values_applied():

@@ -327,3 +327,18 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def read_config(path: str | Path) -> Config:
     with open(path) as f:
         return from_dict(json.load(f))
+
+
+def warn_if_window_exceeds_training(section: str, window: int, trained: int) -> None:
+    """Warn when a temporal attention window (``<section>.context``) is longer than the longest training clip.
+
+    Such a model attends at inference over distances between frames that training never showed. Measured
+    on Catch: the tokenizer streamed through a 16-frame window after 2-frame training lost the ball in 4 of
+    5 frames; the dynamics model trained on 8-frame clips kept the ball falling right in 85% of imagined
+    steps while its sequence was under ~12 frames, and in 45% beyond (window 8: 88% throughout).
+    """
+    if window > trained:
+        import warnings
+
+        warnings.warn(f"{section}.context={window} exceeds the {trained}-frame training clips: set "
+                      f"{section}.context <= {trained} or train on longer clips", stacklevel=3)

@@ -18,7 +18,7 @@ import torch
 
 from worldflow.checkpoint import load_weights
 from worldflow.clips import ClipBank
-from worldflow.config import Config, to_dict
+from worldflow.config import Config, to_dict, warn_if_window_exceeds_training
 from worldflow.dynamics import DynamicsModel, dynamics_loss
 from worldflow.runs import device_of, phase_checkpoint, phase_config, resolve_config, start_phase
 from worldflow.trainer import Trainer
@@ -97,6 +97,8 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     model = build_dynamics(cfg, space).to(device)
     trainer = Trainer(model, cfg.train_dynamics, run, PHASE, to_dict(cfg), progress=progress)
     dyn = cfg.dynamics
+    warn_if_window_exceeds_training("dynamics", dyn.context,
+                                    max(cfg.data.clip_len, dyn.long_len if dyn.long_every > 0 else 0))
     context = min(8, dyn.context)
     # score 16 predicted frames, or as many as the longest held-out episode allows
     horizon = max(1, min(16, int(held_bank.lengths.max()) - context))

@@ -7,7 +7,6 @@ Held-out PSNR/SSIM are logged every ``eval_every`` steps, with a reconstruction 
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 
 from worldflow.checkpoint import load_weights
 from worldflow.clips import ClipBank
-from worldflow.config import Config, to_dict
+from worldflow.config import Config, to_dict, warn_if_window_exceeds_training
 from worldflow.imagination import record_dataset
 from worldflow.metrics import object_match, psnr, ssim
 from worldflow.runs import device_of, phase_checkpoint, phase_config, resolve_config, start_phase
@@ -88,11 +87,7 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     train_bank = ClipBank.load(data, cfg.data, split="train", progress=progress)
     held = ClipBank.load(data, cfg.data, split="heldout", progress=progress)
     clip_len = cfg.tokenizer.clip_len or cfg.data.clip_len
-    if cfg.tokenizer.context > clip_len:
-        # Encoding then attends over a longer past than training ever showed: measured on Catch, streaming
-        # through a 16-frame window after 2-frame training lost the ball in 4 of 5 frames.
-        warnings.warn(f"tokenizer.context={cfg.tokenizer.context} exceeds the {clip_len}-frame training "
-                      f"clips: set tokenizer.context <= {clip_len} or train on longer clips", stacklevel=2)
+    warn_if_window_exceeds_training("tokenizer", cfg.tokenizer.context, clip_len)
     eval_frames = held.fixed_clips(n=32, clip_len=cfg.data.clip_len).to(device)
     reader = reader_of(data)
     model = TokenizerTraining(cfg).to(device)
