@@ -484,3 +484,27 @@ def test_phase2_terms_are_divided_by_their_running_rms():
     cfg.agent.loss_norm = False
     loss3, t3 = bc_losses(model, _phase2_batch(cfg, seed=4), cfg, gen(5))
     assert torch.allclose(loss3, sum(t3[k] for k in PHASE2_TERMS), rtol=1e-5)
+
+
+def test_imagine_aligns_heads_with_states_and_returns_float32_under_bf16():
+    """imagine(): rewards/continues are the heads at h_1..h_H (reward on arrival), actions are the policy's
+    at h_0..h_{H−1}; under bf16 autocast (phase 3 with train_agent.bf16) every tensor comes back float32
+    and the imagined rollout stays close to the float32 one."""
+    from worldflow.config import load_config
+    from worldflow.imagination import AgentModel, imagine
+
+    cfg = load_config("tiny")
+    model = AgentModel(cfg, gym.spaces.Discrete(3)).eval()
+    for p in model.heads.parameters():  # non-zero heads, so the alignment check means something
+        torch.nn.init.normal_(p, std=0.3)
+    ctx = _phase2_batch(cfg, b=3, t=3)
+    im = imagine(model, ctx, horizon=4, steps=2, generator=gen(7))
+    assert im.h.shape[:2] == (3, 5) and im.actions.shape == (3, 4) and im.latents.shape[:2] == (3, 4)
+    assert torch.allclose(im.rewards, model.heads.reward(im.h[:, 1:]), atol=1e-6)
+    assert torch.allclose(im.continues, model.heads.continue_prob(im.h[:, 1:]), atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lo = imagine(model, ctx, horizon=4, steps=2, generator=gen(7), sample=False)
+    ref = imagine(model, ctx, horizon=4, steps=2, generator=gen(7), sample=False)
+    for name in ("h", "rewards", "continues", "latents"):
+        assert getattr(lo, name).dtype == torch.float32, name
+    assert (lo.latents - ref.latents).abs().mean() < 0.05 * ref.latents.abs().mean()

@@ -111,10 +111,10 @@ def imagine(model: AgentModel, context: dict[str, Tensor], horizon: int, steps: 
         h.append(features(agent)[:, -1])
         acts.append(a)
         frames.append(z)
-    hs = torch.stack(h, dim=1)
+    hs = torch.stack(h, dim=1).float()  # float32 even when imagined under bf16 autocast
     nxt = hs[:, 1:]
-    return Imagined(h=hs, actions=torch.stack(acts, dim=1), rewards=heads.reward(nxt),
-                    continues=heads.continue_prob(nxt), latents=torch.cat(frames, dim=1))
+    return Imagined(h=hs, actions=torch.stack(acts, dim=1), rewards=heads.reward(nxt).float(),
+                    continues=heads.continue_prob(nxt).float(), latents=torch.cat(frames, dim=1).float())
 
 
 def policy_to_dynamics(heads: AgentHeads, a: Tensor) -> Tensor:

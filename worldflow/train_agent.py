@@ -134,7 +134,10 @@ def train_imagination(cfg: Config, data, run, resume: bool = True, progress: boo
 
     def batch_fn(gen: torch.Generator):
         ctx = _sample(bank, cfg.agent.imag_batch, context, gen, device)
-        return imagine(model, ctx, cfg.agent.horizon, cfg.agent.imag_steps or bc_cfg.dynamics.steps, gen)
+        # imagination is most of phase 3's time; under bf16 it runs ~1.4x faster on CPU with the same
+        # imagined physics on Catch (docs/benchmarks.md); the returned tensors are float32
+        with trainer.autocast():
+            return imagine(model, ctx, cfg.agent.horizon, cfg.agent.imag_steps or bc_cfg.dynamics.steps, gen)
 
     return trainer.fit(batch_fn, lambda m, im, gen: rl_losses(m, prior, im, cfg), resume=resume)
 

@@ -127,7 +127,7 @@ class Trainer:
         if cfg.activation_checkpointing:
             distributed.checkpoint_blocks(model)
         self._step_module = _Step(model)
-        self._step_module.autocast = self._autocast
+        self._step_module.autocast = self.autocast
         self._wrapped = distributed.wrap(self._step_module, fsdp=cfg.fsdp)
         self.opt = make_optimizer(model, cfg)  # after wrapping: FSDP2 replaces the parameters
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -164,7 +164,9 @@ class Trainer:
         distributed.barrier()
         return path
 
-    def _autocast(self):
+    def autocast(self):
+        """bf16 autocast on the model's device when ``cfg.bf16`` (else a no-op context). The loss runs under
+        it; a phase may also generate its batch under it (phase 3 imagines its rollouts this way)."""
         if not self.cfg.bf16:
             return nullcontext()
         dev = next(self.model.parameters()).device.type
