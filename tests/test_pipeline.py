@@ -143,3 +143,22 @@ def test_demo_smoke(tmp_path, capsys):
     for name in ("rollout.mp4", "rollout.gif", "psnr_vs_horizon.png", "objects_vs_horizon.png", "eval.json"):
         assert (run / "eval" / name).exists(), name
     assert "worldflow demo summary" in capsys.readouterr().out
+
+
+def test_imagined_batch_serves_imag_reuse_updates(tiny_run, tiny_data, tiny_cfg, tmp_path, monkeypatch):
+    """agent.imag_reuse = 2: six phase-3 updates imagine three batches, each used by two updates."""
+    import shutil
+
+    from worldflow import train_agent
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("agent"))
+    calls = []
+    real = train_agent.imagine
+    monkeypatch.setattr(train_agent, "imagine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = tiny_cfg("agent.imag_reuse=2", "train_agent.steps=6", "train_agent.ckpt_every=2")
+    out = train_agent.train_imagination(cfg, tiny_data, run, progress=False)
+    assert out["step"] == 6 and len(calls) == 3
+    with pytest.raises(ValueError, match="imag_reuse must be >= 1"):
+        train_agent.train_imagination(tiny_cfg("agent.imag_reuse=0"), tiny_data, tmp_path / "run", resume=False,
+                                      progress=False)

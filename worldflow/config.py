@@ -117,6 +117,9 @@ class AgentConfig:
     horizon: int = 16  # imagination rollout length
     imag_batch: int = 32
     imag_steps: int = 0  # K for imagined rollouts in phase 3 (0 = dynamics.steps)
+    # Phase-3 updates per imagined batch. Imagination is nearly all of a phase-3 step's time; each update
+    # recomputes values and λ-returns with the current heads, so reuse also lets the value head catch up.
+    imag_reuse: int = 1
     train_backbone: bool = False
     # Phase 2: divide each loss term (dynamics, BC, reward, continue) by its running RMS, as the tokenizer
     # does. Without it the 9-step BC sum (~8) outweighs the dynamics loss (~0.01) ~600:1 and fine-tuning

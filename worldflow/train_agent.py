@@ -118,6 +118,8 @@ def rl_losses(model: AgentModel, prior, im, cfg: Config) -> tuple[torch.Tensor, 
 
 def train_imagination(cfg: Config, data, run, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Phase 3: the world model is frozen; policy and value heads train on imagined rollouts."""
+    if cfg.agent.imag_reuse < 1:
+        raise ValueError(f"agent.imag_reuse must be >= 1, got {cfg.agent.imag_reuse}")
     device = device_of(cfg)
     bc_model, bc_cfg, _ = load_agent_model(run, "agent_bc", device)
     start_phase(run, "agent", cfg)
@@ -132,12 +134,19 @@ def train_imagination(cfg: Config, data, run, resume: bool = True, progress: boo
     trainer = Trainer(model, cfg.train_agent, run, "agent", to_dict(bc_cfg), progress=progress)
     context = max(1, min(cfg.data.clip_len, bc_cfg.dynamics.context - 1))
 
+    reuse, steps = cfg.agent.imag_reuse, cfg.agent.imag_steps or bc_cfg.dynamics.steps
+    held: dict[str, Any] = {}
+
     def batch_fn(gen: torch.Generator):
-        ctx = _sample(bank, cfg.agent.imag_batch, context, gen, device)
-        # imagination is most of phase 3's time; under bf16 it runs ~1.4x faster on CPU with the same
-        # imagined physics on Catch (docs/benchmarks.md); the returned tensors are float32
-        with trainer.autocast():
-            return imagine(model, ctx, cfg.agent.horizon, cfg.agent.imag_steps or bc_cfg.dynamics.steps, gen)
+        # one imagined batch serves `reuse` consecutive updates (a resume at a step that is not a multiple
+        # of it imagines afresh, so keep ckpt_every a multiple of imag_reuse for exact resumes)
+        if "im" not in held or trainer.step % reuse == 0:
+            ctx = _sample(bank, cfg.agent.imag_batch, context, gen, device)
+            # imagination is most of phase 3's time; under bf16 it runs ~1.4x faster on CPU with the same
+            # imagined physics on Catch (docs/benchmarks.md); the returned tensors are float32
+            with trainer.autocast():
+                held["im"] = imagine(model, ctx, cfg.agent.horizon, steps, gen)
+        return held["im"]
 
     return trainer.fit(batch_fn, lambda m, im, gen: rl_losses(m, prior, im, cfg), resume=resume)
 
