@@ -160,5 +160,4 @@ def test_imagined_batch_serves_imag_reuse_updates(tiny_run, tiny_data, tiny_cfg,
     out = train_agent.train_imagination(cfg, tiny_data, run, progress=False)
     assert out["step"] == 6 and len(calls) == 3
     with pytest.raises(ValueError, match="imag_reuse must be >= 1"):
-        train_agent.train_imagination(tiny_cfg("agent.imag_reuse=0"), tiny_data, tmp_path / "run", resume=False,
-                                      progress=False)
+        train_agent.train_imagination(tiny_cfg("agent.imag_reuse=0"), tiny_data, run, progress=False)
