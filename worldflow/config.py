@@ -11,6 +11,7 @@ import dataclasses
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,7 +342,5 @@ def warn_if_window_exceeds_training(section: str, window: int, trained: int) -> 
     steps while its sequence was under ~12 frames, and in 45% beyond (window 8: 88% throughout).
     """
     if window > trained:
-        import warnings
-
         warnings.warn(f"{section}.context={window} exceeds the {trained}-frame training clips: set "
                       f"{section}.context <= {trained} or train on longer clips", stacklevel=3)
