@@ -37,6 +37,7 @@ from worldflow.imagination import (
 )
 from worldflow.runs import device_of, phase_checkpoint, resolve_config, start_phase
 from worldflow.trainer import Trainer
+from worldflow.twohot import twohot_mean
 
 
 def _banks(run, data, cfg: Config, device, progress: bool) -> ClipBank:
@@ -101,7 +102,7 @@ def rl_losses(model: AgentModel, prior, im, cfg: Config) -> tuple[torch.Tensor, 
     heads, a = model.heads, cfg.agent
     h = im.h
     value_logits = heads.value_logits(h)  # (B, H+1, bins)
-    values = heads.value(h).detach()
+    values = twohot_mean(value_logits, heads.bins).detach()  # = heads.value(h), without a second forward
     returns = lambda_returns(im.rewards, im.continues, values, a.gamma, a.lam)
     # states after a predicted termination do not count: weight = P(still alive at t)
     alive = torch.cumprod(torch.cat([torch.ones_like(im.continues[:, :1]), im.continues[:, :-1]], 1), 1)
