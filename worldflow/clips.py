@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from worldflow import rng
 from worldflow.config import DataConfig
 
 
@@ -88,7 +89,7 @@ class ClipBank:
         n_win = self._starts(clip_len)
         if int(n_win.sum()) == 0:
             raise ValueError(f"no episode has {clip_len} frames (longest: {int(self.lengths.max())})")
-        flat = torch.randint(int(n_win.sum()), (batch,), generator=gen)
+        flat = rng.randint(int(n_win.sum()), (batch,), gen, n_win.device)
         cum = torch.cumsum(n_win, 0)
         ep = torch.searchsorted(cum, flat, right=True)
         start = flat - (cum[ep] - n_win[ep])

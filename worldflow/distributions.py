@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from worldflow import rng
+
 __all__ = [
     "ActionDist",
     "Categoricals",
@@ -114,7 +116,7 @@ class Categoricals(ActionDist):
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         probs = self.probs.detach()
-        flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        flat = rng.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator)
         return flat.reshape(probs.shape[:-1])
 
     def log_prob(self, action: Tensor) -> Tensor:
@@ -144,7 +146,7 @@ class Bernoullis(ActionDist):
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         p = torch.sigmoid(self.logits.detach())
-        u = torch.rand(p.shape, generator=generator, device=p.device)
+        u = rng.rand(p.shape, generator, p.device)
         return (u < p).long()
 
     def log_prob(self, action: Tensor) -> Tensor:
@@ -185,7 +187,7 @@ class TanhNormal(ActionDist):
 
     def rsample_pre(self, generator: torch.Generator | None = None) -> Tensor:
         """Reparameterised pre-tanh sample u = mean + std·ε, (*B, *E)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
+        eps = rng.randn(self.mean.shape, generator, self.mean.device)
         return self.mean + self.std * eps
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:

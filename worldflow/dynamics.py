@@ -30,7 +30,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
-from worldflow import flow
+from worldflow import flow, rng
 from worldflow.config import DynamicsConfig
 from worldflow.distributed import rows_of
 from worldflow.nn import KVCache, SpaceTimeTransformer
@@ -341,7 +341,7 @@ def dynamics_loss(
     rows = rows_of(b)
     g_single = 0  # single-frame items of the global batch: its first g_single rows
     if t > 1 and cfg.single_frame_fraction > 0:
-        u = torch.rand((), generator=generator, device=None if generator is None else generator.device).item()
+        u = rng.rand((), generator).item()
         g_single = min(rows.total, int(math.floor(rows.total * cfg.single_frame_fraction + u)))
     n_single = min(max(g_single - rows.start, 0), b)  # ... of which this batch holds its first n_single
     prev_actions, prev_mask = shift_actions(actions, action_mask)
@@ -364,7 +364,7 @@ def dynamics_loss(
     for part_rows, items, name, z1, acts, mask, tk in parts:
         n = part_rows.total
         tau, d = flow.sample_tau_d(n, z1.shape[1], cfg.k_max, boot_frac, generator, z1.device)
-        noise = flow.randn((n, *z1.shape[1:]), generator, z1.device, z1.dtype)
+        noise = rng.randn((n, *z1.shape[1:]), generator, z1.device, z1.dtype)
         # half-step passes iff the global part has bootstrap frames: the same model calls in every process
         run_boot = bool(flow.is_bootstrap(d, cfg.k_max).any())
         tau, d, noise = part_rows.take(tau), part_rows.take(d), part_rows.take(noise)
@@ -434,7 +434,7 @@ class RolloutStream:
 
     def noise(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         """N(0, I) noise of ``shape`` (B, ...) for corrupting and sampling (subclasses may draw per row)."""
-        return flow.randn(shape, self.generator, self.device, dtype)
+        return rng.randn(shape, self.generator, self.device, dtype)
 
     def _per_frame(self, value: float, frames: int) -> Tensor:
         return torch.full((self.batch, frames), value, device=self.device)

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from worldflow import rng
+
 ModelFn = Callable[..., Tensor]
 
 EPS = 1e-6  # guard for 1 − τ; the grid already guarantees 1 − τ ≥ d ≥ 1/K_max
@@ -131,23 +133,22 @@ def sample_tau_d(
     Everything is drawn as integers and divided by powers of two, so values are exact.
     """
     e_max = check_k_max(k_max)
-    # draw where the generator lives (a CPU generator cannot fill CUDA tensors), then move
-    g = dict(generator=generator, device=generator.device if generator is not None else device)
+    if device is None and generator is not None:
+        device = generator.device  # no device given: everything where the generator lives
     n_boot = 0
     if e_max > 0 and bootstrap_fraction > 0:
-        u = torch.rand((), **g).item()
+        u = rng.rand((), generator).item()
         n_boot = min(batch, int(math.floor(batch * bootstrap_fraction + u)))
-    boot_rows = torch.zeros(batch, dtype=torch.bool, device=g["device"])
-    boot_rows[torch.randperm(batch, **g)[:n_boot]] = True
+    boot_rows = torch.zeros(batch, dtype=torch.bool, device=device)
+    boot_rows[rng.randperm(batch, generator, device)[:n_boot]] = True
 
     # exponent e: d = 2^-e.  Flow rows: e = e_max.  Bootstrap rows: e ~ U{0, …, e_max − 1}.
-    e_boot = torch.randint(0, max(e_max, 1), (batch, frames), **g)
+    e_boot = rng.randint(max(e_max, 1), (batch, frames), generator, device)
     e = torch.where(boot_rows[:, None], e_boot, torch.full_like(e_boot, e_max))
     n_levels = torch.ones_like(e) << e  # 1/d levels on d's grid
-    i = (torch.rand((batch, frames), **g) * n_levels).long().clamp_max(n_levels - 1)  # τ = i·d
+    i = (rng.rand((batch, frames), generator, device) * n_levels).long().clamp_max(n_levels - 1)  # τ = i·d
     d = torch.ldexp(torch.ones_like(e, dtype=torch.float32), -e)
-    tau = i.float() * d
-    return tau.to(device), d.to(device)
+    return i.float() * d, d
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,19 +171,8 @@ def _frame_mse(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).flatten(2).mean(-1)
 
 
-def randn(
-    shape: tuple[int, ...],
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """N(0, I) noise drawn on the generator's device (a CPU generator can't fill CUDA tensors), then moved."""
-    src = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=src, dtype=dtype).to(device)
-
-
 def _noise(z1: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    return noise if noise is not None else randn(z1.shape, generator, z1.device, z1.dtype)
+    return noise if noise is not None else rng.randn(z1.shape, generator, z1.device, z1.dtype)
 
 
 @torch.no_grad()
@@ -364,5 +354,5 @@ def sample(
     **cond,
 ) -> Tensor:
     """Draw z0 ~ N(0, I) of ``shape`` and :func:`denoise` it in ``steps`` steps; returns ``shape``."""
-    z = randn(shape, generator, device, dtype)
+    z = rng.randn(shape, generator, device, dtype)
     return denoise(model_fn, z, steps, k_max, lead, **cond)

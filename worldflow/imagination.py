@@ -18,7 +18,7 @@ import gymnasium as gym
 import torch
 from torch import Tensor, nn
 
-from worldflow import flow
+from worldflow import flow, rng
 from worldflow.agent import AgentHeads
 from worldflow.config import Config
 from worldflow.distributed import rows_of
@@ -61,8 +61,8 @@ class AgentModel(nn.Module):
         if cfg.context_noise:
             tau_val = flow.snap_tau(cfg.context_signal, cfg.k_max)
             rows = rows_of(b)  # noise drawn for the global batch and cut, as in dynamics_loss
-            noise = rows.take(torch.randn((rows.total, *latents.shape[1:]), generator=generator,
-                                          device=latents.device, dtype=latents.dtype))
+            shape = (rows.total, *latents.shape[1:])
+            noise = rows.take(rng.randn(shape, generator, latents.device, latents.dtype))
             z = flow.corrupt(latents, noise, torch.full((b, t), tau_val, device=latents.device))
         else:
             tau_val, z = 1.0 - 1.0 / cfg.k_max, latents

@@ -21,6 +21,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from worldflow import rng
 from worldflow.config import TokenizerConfig
 from worldflow.distributed import rows_of
 from worldflow.nn import KVCache, SpaceTimeTransformer
@@ -117,11 +118,10 @@ class CausalTokenizer(nn.Module):
 
         Drawn for the global batch and cut to this batch's rows (the whole batch outside data-parallel
         training, see worldflow.distributed.rows_of)."""
-        gdev = generator.device if generator is not None else device
         rows = rows_of(b)
-        p = torch.rand(rows.total, t, 1, generator=generator, device=gdev) * self.cfg.mask_max
-        u = torch.rand(rows.total, t, self.num_patches, generator=generator, device=gdev)
-        return (rows.take(u) < rows.take(p)).to(device)
+        p = rng.rand((rows.total, t, 1), generator, device) * self.cfg.mask_max
+        u = rng.rand((rows.total, t, self.num_patches), generator, device)
+        return rows.take(u) < rows.take(p)
 
     def encoder_tokens(self, x: Tensor, patch_mask: Tensor | None = None,
                        cache: KVCache | None = None) -> Tensor:

@@ -53,7 +53,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from torch import Tensor
 
-from worldflow import flow
+from worldflow import flow, rng
 from worldflow.config import Config
 from worldflow.distributions import check_action
 from worldflow.dynamics import DynamicsModel, RolloutStream, shift_actions
@@ -246,7 +246,7 @@ class RowNoiseStream(RolloutStream):
         """N(0, I) of ``shape`` = (B, ...), row i from generator i (zeros for inactive rows)."""
         row = (1, *shape[1:])
         return torch.cat([
-            flow.randn(row, g, self.device, dtype) if self.active is None or self.active[i]
+            rng.randn(row, g, self.device, dtype) if self.active is None or self.active[i]
             else torch.zeros(row, device=self.device, dtype=dtype)
             for i, g in enumerate(self.generators)
         ])
