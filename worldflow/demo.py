@@ -15,6 +15,7 @@ from pathlib import Path
 
 from worldflow.config import Config, save_config
 from worldflow.io import atomic_write_text
+from worldflow.precision import describe_cpu
 
 EVAL_EPISODES = 50
 
@@ -53,8 +54,9 @@ def run_demo(cfg: Config, run: Path, data: Path | None = None, progress: bool = 
                            progress=progress)
     atomic_write_text(run / "eval" / "eval.json", json.dumps(ev, indent=2))
     t1 = time.time()
-    train_agent.train_offline(cfg, data, run, progress=progress)
+    agent_runs = train_agent.train_offline(cfg, data, run, progress=progress)
     timings["agent_min"] = (time.time() - t1) / 60
+    phases = {"tokenizer": tok, "dynamics": dyn, "agent_bc": agent_runs["bc"], "agent": agent_runs["agent"]}
     # 50 episodes: the WM agent plays them in lockstep as one batch, so they cost little more than 20, and
     # the mean's standard error shrinks to about a third of a point on Catch
     agent = evaluate_agent_run(run, cfg.collect.env, episodes=EVAL_EPISODES, progress=progress)
@@ -69,9 +71,17 @@ def run_demo(cfg: Config, run: Path, data: Path | None = None, progress: bool = 
                "steps": ev["steps"],
                **{k: agent.get(k) for k in ("policy_return", "bc_return", "random_return", "expert_return",
                                             "policy_return_mode", "bc_return_mode")},
-               "total_min": (time.time() - t0) / 60, **timings}
+               "total_min": (time.time() - t0) / 60, **timings,
+               "precision": {ph: r["precision"] for ph, r in phases.items()},
+               "capped": capped_phases(phases), "cpu": describe_cpu()}
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def capped_phases(phases: dict[str, dict]) -> list[dict]:
+    """The phases a ``max_minutes`` safety cap stopped before their step budget: [{phase, step, steps}]."""
+    return [{"phase": ph, "step": r["step"], "steps": r["planned_steps"]}
+            for ph, r in phases.items() if r.get("capped")]
 
 
 def _mean(m: dict) -> float:
@@ -95,7 +105,12 @@ def _print_summary(s: dict, run: Path) -> None:
     print(f"agent      real-env return (mean of {EVAL_EPISODES} episodes): imagination policy "
           f"{s['policy_return']:.2f} | "
           f"BC only {s['bc_return']:.2f} | random {s['random_return']:.2f} | expert {s['expert_return']:.2f}")
+    prec = ", ".join(f"{ph} {p}" for ph, p in s["precision"].items())
+    print(f"precision  {prec} (CPU: {s['cpu']})")
     print(f"time       {s['total_min']:.1f} min in all")
+    for c in s["capped"]:
+        print(f"CAPPED     {c['phase']} stopped by its max_minutes safety cap at step {c['step']} of "
+              f"{c['steps']}: its schedule did not complete, so these results are not the preset's")
     print(f"look at    {run / 'eval' / 'rollout.gif'}  {run / 'eval' / 'psnr_vs_horizon.png'}")
 
 

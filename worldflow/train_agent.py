@@ -36,7 +36,7 @@ from worldflow.imagination import (
     run_action_space,
 )
 from worldflow.runs import device_of, phase_checkpoint, resolve_config, start_phase
-from worldflow.trainer import Trainer
+from worldflow.trainer import Trainer, status_note
 from worldflow.twohot import twohot_mean
 
 
@@ -191,11 +191,12 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.phase in ("bc", "all"):
         s = train_bc(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
-        print(f"agent_bc: step {s['step']}, {s['minutes']:.1f} min, loss {s['train'].get('loss', 0):.4f}")
+        print(f"agent_bc: step {s['step']}, {s['minutes']:.1f} min, loss {s['train'].get('loss', 0):.4f}"
+              f"{status_note(s)}")
     if args.phase in ("imagine", "all"):
         s = train_imagination(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
         print(f"agent: step {s['step']}, {s['minutes']:.1f} min, imagined return "
-              f"{s['train'].get('imagined_return', float('nan')):.3f}")
+              f"{s['train'].get('imagined_return', float('nan')):.3f}{status_note(s)}")
     return 0
 
 

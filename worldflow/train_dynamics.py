@@ -21,7 +21,7 @@ from worldflow.clips import ClipBank
 from worldflow.config import Config, to_dict, warn_if_window_exceeds_training
 from worldflow.dynamics import DynamicsModel, dynamics_loss
 from worldflow.runs import device_of, phase_checkpoint, phase_config, resolve_config, start_phase
-from worldflow.trainer import Trainer
+from worldflow.trainer import Trainer, status_note
 
 PHASE = "dynamics"
 
@@ -126,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
     ev, nan = s["eval"], float("nan")
     print(f"dynamics: step {s['step']}, {s['minutes']:.1f} min, held-out PSNR (h=1..16, "
           f"K={cfg.dynamics.steps}) {ev.get('psnr', nan):.2f} dB vs copy-last "
-          f"{ev.get('psnr_copy_last', nan):.2f} dB")
+          f"{ev.get('psnr_copy_last', nan):.2f} dB{status_note(s)}")
     return 0
 
 

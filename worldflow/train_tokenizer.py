@@ -19,7 +19,7 @@ from worldflow.imagination import record_dataset
 from worldflow.metrics import object_match, psnr, ssim
 from worldflow.runs import device_of, phase_checkpoint, phase_config, resolve_config, start_phase
 from worldflow.tokenizer import CausalTokenizer, TokenizerLoss
-from worldflow.trainer import Trainer
+from worldflow.trainer import Trainer, status_note
 from worldflow.visual import comparison_video, write_media
 
 PHASE = "tokenizer"
@@ -114,7 +114,8 @@ def main(args: argparse.Namespace) -> int:
     summary = train(cfg, args.data, args.run, resume=not args.no_resume, progress=not args.no_progress)
     ev = summary["eval"]
     print(f"tokenizer: step {summary['step']}, held-out PSNR {ev.get('recon_psnr', float('nan')):.2f} dB, "
-          f"SSIM {ev.get('recon_ssim', float('nan')):.4f}, {summary['minutes']:.1f} min")
+          f"SSIM {ev.get('recon_ssim', float('nan')):.4f}, {summary['minutes']:.1f} min"
+          f"{status_note(summary)}")
     return 0
 
 

@@ -20,10 +20,14 @@ from typing import Any
 
 import torch
 
-from worldflow import distributed
+from worldflow import distributed, precision
 from worldflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from worldflow.config import TrainConfig
 from worldflow.runlog import RunLogger
+
+# trainer phase -> the config section that holds its TrainConfig (named in warnings and capped-phase notes)
+SECTIONS = {"tokenizer": "train_tokenizer", "dynamics": "train_dynamics", "agent_bc": "train_bc",
+            "agent": "train_agent"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,6 +68,15 @@ def check_finite(step: int, terms: dict[str, torch.Tensor | float]) -> None:
         if not math.isfinite(val):
             raise NonFiniteLossError(f"loss term '{k}' is {val} at step {step}; "
                                      "training stopped, the last good checkpoint is kept")
+
+
+def status_note(summary: dict[str, Any]) -> str:
+    """', fp32' or ', bf16, CAPPED by max_minutes at step 101 of 1500': what a phase's printout appends."""
+    note = f", {summary['precision']}"
+    if summary.get("capped"):
+        note += (f", CAPPED by max_minutes at step {summary['step']} of {summary['planned_steps']} "
+                 "(schedule incomplete)")
+    return note
 
 
 class _Step(torch.nn.Module):
@@ -131,6 +144,9 @@ class Trainer:
         self._wrapped = distributed.wrap(self._step_module, fsdp=cfg.fsdp)
         self.opt = make_optimizer(model, cfg)  # after wrapping: FSDP2 replaces the parameters
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.section = SECTIONS.get(phase, f"train_{phase}")
+        # resolved once per phase: "auto" -> bf16 only where the device runs it natively
+        self.bf16 = precision.use_bf16(cfg.bf16, first.device if first is not None else "cpu", self.section)
         self.step = 0
         self.progress = progress
 
@@ -165,9 +181,10 @@ class Trainer:
         return path
 
     def autocast(self):
-        """bf16 autocast on the model's device when ``cfg.bf16`` (else a no-op context). The loss runs under
-        it; a phase may also generate its batch under it (phase 3 imagines its rollouts this way)."""
-        if not self.cfg.bf16:
+        """bf16 autocast on the model's device when the resolved precision is bf16 (``cfg.bf16`` true, or
+        "auto" on hardware with native bf16), else a no-op context. The loss runs under it; a phase may also
+        generate its batch under it (phase 3 imagines its rollouts this way)."""
+        if not self.bf16:
             return nullcontext()
         dev = next(self.model.parameters()).device.type
         return torch.autocast(device_type=dev, dtype=torch.bfloat16)
@@ -207,7 +224,13 @@ class Trainer:
 
     def fit(self, batch_fn: Callable[[torch.Generator], Any], loss_fn: Callable,
             eval_fn: Callable[[int], dict[str, float]] | None = None, resume: bool = True) -> dict[str, Any]:
-        """Train until cfg.steps (or cfg.max_minutes); returns a summary with the last logged metrics."""
+        """Train until cfg.steps; returns a summary with the last logged metrics.
+
+        Summary keys: step, planned_steps (cfg.steps), train, eval, minutes, precision ("bf16" | "fp32"),
+        capped (True when the ``max_minutes`` safety cap stopped the phase before ``planned_steps``; the
+        schedule then did not complete and the result is not the preset's) and stopped_by_time (the same
+        flag, older name).
+        """
         if resume:
             self.resume()
         self._step_module.batch_fn, self._step_module.loss_fn = batch_fn, loss_fn
@@ -216,6 +239,10 @@ class Trainer:
                         progress=self.progress) if main else _NoLog()
         t0, last, last_eval, evaluated_at = time.time(), {}, {}, -1
         stopped_by_time = False
+        prec = precision.name(self.bf16)
+        if self.step < self.cfg.steps:
+            log.write(f"[{self.phase}] precision {prec} ({self.section}.bf16={self.cfg.bf16}), "
+                      f"steps {self.step}/{self.cfg.steps}")
         try:
             while self.step < self.cfg.steps:
                 metrics = self.train_step()
@@ -231,9 +258,11 @@ class Trainer:
                 # decided together: a rank that stopped alone would leave the others waiting forever
                 if self.cfg.max_minutes > 0 and distributed.any_rank(
                         time.time() - t0 > 60 * self.cfg.max_minutes):
-                    stopped_by_time = True
-                    log.write(f"[{self.phase}] time budget of {self.cfg.max_minutes} min reached "
-                              f"at step {self.step}")
+                    stopped_by_time = self.step < self.cfg.steps
+                    if stopped_by_time:
+                        log.write(f"[{self.phase}] CAPPED: the {self.cfg.max_minutes} min safety cap "
+                                  f"({self.section}.max_minutes) stopped training at step {self.step} of "
+                                  f"{self.cfg.steps}; the schedule did not complete")
                     break
             self.save()
             if eval_fn is not None and evaluated_at != self.step:
@@ -242,5 +271,6 @@ class Trainer:
         finally:
             log.close()
         last_eval = distributed.broadcast_object(last_eval)
-        return {"step": self.step, "train": last, "eval": last_eval, "minutes": (time.time() - t0) / 60,
+        return {"step": self.step, "planned_steps": self.cfg.steps, "train": last, "eval": last_eval,
+                "minutes": (time.time() - t0) / 60, "precision": prec, "capped": stopped_by_time,
                 "stopped_by_time": stopped_by_time}
