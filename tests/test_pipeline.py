@@ -138,11 +138,15 @@ def test_demo_smoke(tmp_path, capsys):
     for key in ("tokenizer_recon_psnr", "rollout_psnr_mean_h1_16", "policy_return", "bc_return",
                 "random_return", "expert_return", "policy_return_mode", "bc_return_mode", "total_min"):
         assert s[key] is not None, key
+    phases = ("tokenizer", "dynamics", "agent_bc", "agent")
+    assert set(s["precision"]) == set(phases) and set(s["precision"].values()) <= {"bf16", "fp32"}
+    assert s["capped"] == [] and s["cpu"]
     agent = json.loads((run / "eval" / "agent.json").read_text())
     assert agent["episodes"] == 50 and agent["expert_return"] == 10.0
     for name in ("rollout.mp4", "rollout.gif", "psnr_vs_horizon.png", "objects_vs_horizon.png", "eval.json"):
         assert (run / "eval" / name).exists(), name
-    assert "worldflow demo summary" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "worldflow demo summary" in out and "precision  tokenizer " in out and "CAPPED" not in out
 
 
 def test_imagined_batch_serves_imag_reuse_updates(tiny_run, tiny_data, tiny_cfg, tmp_path, monkeypatch):
