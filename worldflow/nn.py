@@ -15,10 +15,11 @@ Mask convention everywhere: boolean, ``True`` = the query may attend the key (as
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from worldflow.config import TransformerConfig
@@ -101,9 +102,20 @@ def rope_angles(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Ten
     """
     if dim % 2:
         raise ValueError(f"RoPE needs an even dim, got {dim}")
-    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
-    ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    ang = positions.to(torch.float64)[:, None] * _inv_freq(dim, base, positions.device)[None, :]
     return ang.cos().float(), ang.sin().float()
+
+
+_INV_FREQ: dict[tuple[int, float, torch.device], Tensor] = {}
+
+
+def _inv_freq(dim: int, base: float, device: torch.device) -> Tensor:
+    """RoPE frequencies ``base ** (-(0, 2, 4, ...) / dim)`` (dim // 2,) float64, memoised (a constant)."""
+    key = (dim, float(base), device)
+    if key not in _INV_FREQ:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            _INV_FREQ[key] = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    return _INV_FREQ[key]
 
 
 def rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,7 +158,44 @@ def _as4d(mask: Tensor) -> Tensor:
     return mask
 
 
-def _attend_explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, softcap: float) -> Tensor:
+# Values derived from a mask, memoised per mask tensor: every layer of a stack attends with the same spatial
+# (and temporal) mask, and streaming re-runs one frame with the same masks K + 1 times. Keyed by identity,
+# validated by a weak reference and the version counter (an in-place change invalidates); only small,
+# version-tracked masks are memoised (inference tensors have no version counter).
+_MASK_MEMO: dict[int, tuple[weakref.ref, int, dict[Any, Any]]] = {}
+_MASK_MEMO_NUMEL = 1 << 14
+
+
+def _mask_memo(mask: Tensor) -> dict[Any, Any] | None:
+    """The memo dict of ``mask`` (empty on first use), or None for a mask that is not memoised."""
+    if mask.numel() > _MASK_MEMO_NUMEL or mask.is_inference():
+        return None
+    hit = _MASK_MEMO.get(id(mask))
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    if len(_MASK_MEMO) >= 64:
+        _MASK_MEMO.clear()
+    memo: dict[Any, Any] = {}
+    _MASK_MEMO[id(mask)] = (weakref.ref(mask), mask._version, memo)
+    return memo
+
+
+def _mask_bias(mask: Tensor, h: int, hkv: int, dtype: torch.dtype, memo: dict[Any, Any] | None) -> Tensor:
+    """Additive float bias (0 / -inf) of a bool mask, laid out for the grouped logits (B, Hkv, G, Lq, Lk)."""
+    key = ("bias", h, hkv, dtype, torch.is_inference_mode_enabled())
+    if memo is not None and key in memo:
+        return memo[key]
+    g = h // hkv
+    m = _as4d(mask)
+    m = m.reshape(m.shape[0], hkv, g, *m.shape[2:]) if m.shape[1] == h and h > 1 else m.unsqueeze(2)
+    bias = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+    if memo is not None:
+        memo[key] = bias
+    return bias
+
+
+def _attend_explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, softcap: float,
+                     memo: dict[Any, Any] | None = None) -> Tensor:
     """Reference/soft-cap path: logits materialised, capped, masked, softmaxed (float32).
 
     GQA without copying kv: q is viewed as (B, Hkv, G, Lq, hd) so each group of G query heads
@@ -160,11 +209,7 @@ def _attend_explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, softc
     logits = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)).float()  # (B, Hkv, G, Lq, Lk)
     if softcap > 0:
         logits = torch.tanh(logits)
-    bias = None
-    if mask is not None:
-        m = _as4d(mask)
-        m = m.reshape(m.shape[0], hkv, g, *m.shape[2:]) if m.shape[1] == h and h > 1 else m.unsqueeze(2)
-        bias = torch.zeros(m.shape, dtype=logits.dtype, device=m.device).masked_fill_(~m, float("-inf"))
+    bias = None if mask is None else _mask_bias(mask, h, hkv, logits.dtype, memo)
     cap = softcap if softcap > 0 else 1.0
     if bias is not None:  # one op for both "* cap" and "+ mask bias"
         logits = torch.add(bias, logits, alpha=cap)
@@ -223,15 +268,19 @@ def attend(
     h, hkv = q.shape[1], k.shape[1]
     if h % hkv:
         raise ValueError(f"kv heads ({hkv}) must divide query heads ({h})")
-    row_ok = None
+    row_ok, memo = None, None
     if mask is not None:
-        row_ok = mask.any(dim=-1, keepdim=True)  # (..., Lq, 1)
-        if bool(row_ok.all()):
-            row_ok = None
-        else:  # let empty rows attend everything (finite result), then zero them below
-            mask = mask | ~row_ok
+        memo = _mask_memo(mask)
+        if memo is None or not memo.get("rows_ok", False):
+            row_ok = mask.any(dim=-1, keepdim=True)  # (..., Lq, 1)
+            if bool(row_ok.all()):
+                row_ok = None
+                if memo is not None:
+                    memo["rows_ok"] = True  # every query row may attend something: nothing to fix
+            else:  # let empty rows attend everything (finite result), then zero them below
+                mask, memo = mask | ~row_ok, None
     if softcap > 0 or backend == "math":
-        out = _attend_explicit(q, k, v, mask, softcap)
+        out = _attend_explicit(q, k, v, mask, softcap, memo)
     elif backend == "xformers" and q.is_cuda:
         out = _attend_xformers(q, k, v, mask)
     else:
@@ -290,7 +339,8 @@ class Attention(nn.Module):
     def attend_out(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Attention over given (possibly cache-extended) k/v, then output projection -> (N, L, D)."""
         o = attend(q, k, v, mask, self.softcap, self.backend)
-        return self.out(rearrange(o, "n h l d -> n l (h d)"))
+        n, h, length, hd = o.shape
+        return self.out(o.transpose(1, 2).reshape(n, length, h * hd))  # n h l d -> n l (h d)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
         """Self-attention: x (N, L, D), cos/sin (L, hd/2) from :func:`rope_angles`, mask (L, L) or
@@ -427,6 +477,10 @@ class SpaceTimeBlock(nn.Module):
         self.mlp = SwiGLU(cfg.width, cfg.mlp_ratio)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def _drop(self, x: Tensor) -> Tensor:
+        # dropout(p=0) returns its input (no RNG draw): skip the module call, per-call overhead adds up
+        return self.drop(x) if self.drop.p > 0 else x
+
     def forward(
         self,
         x: Tensor,
@@ -439,14 +493,14 @@ class SpaceTimeBlock(nn.Module):
         commit: bool,
     ) -> Tensor:
         """x (B, T, S, D) -> (B, T, S, D)."""
-        b, t, s, _ = x.shape
-        h = rearrange(self.norm_s(x), "b t s d -> (b t) s d")
+        b, t, s, d = x.shape
+        h = self.norm_s(x).reshape(b * t, s, d)  # b t s d -> (b t) s d
         q, k, v = self.attn_s.project(h, sp_rope)
         h = self.attn_s.attend_out(q, k, v, sp_mask)
-        x = x + self.drop(rearrange(h, "(b t) s d -> b t s d", b=b, t=t))
+        x = x + self._drop(h.reshape(b, t, s, d))
         if self.temporal:
-            x = x + self.drop(self._temporal(x, t_rope, t_mask, cache, cache_layer, commit))
-        return x + self.drop(self.mlp(self.norm_m(x)))
+            x = x + self._drop(self._temporal(x, t_rope, t_mask, cache, cache_layer, commit))
+        return x + self._drop(self.mlp(self.norm_m(x)))
 
     def _temporal(
         self,
@@ -458,8 +512,8 @@ class SpaceTimeBlock(nn.Module):
         commit: bool,
     ) -> Tensor:
         """Causal attention of every token position over its own history: (B, T, S, D) -> same."""
-        b, t, s, _ = x.shape
-        h = rearrange(self.norm_t(x), "b t s d -> (b s) t d")
+        b, t, s, d = x.shape
+        h = self.norm_t(x).transpose(1, 2).reshape(b * s, t, d)  # b t s d -> (b s) t d
         q, k, v = self.attn_t.project(h, t_rope)
         if cache is not None:
             ck, cv = cache.get(cache_layer)
@@ -467,7 +521,7 @@ class SpaceTimeBlock(nn.Module):
             if commit:
                 cache.write(cache_layer, k, v)
         h = self.attn_t.attend_out(q, k, v, t_mask)
-        return rearrange(h, "(b s) t d -> b t s d", b=b, s=s)
+        return h.reshape(b, s, t, d).transpose(1, 2)  # (b s) t d -> b t s d
 
 
 class SpaceTimeTransformer(nn.Module):
@@ -551,14 +605,7 @@ class SpaceTimeTransformer(nn.Module):
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 frame, got {window}")
 
-        hd, base = self.head_dim, self.cfg.rope_base
-        c, sn = rope_tables(*rope_angles(torch.arange(s, device=dev), hd, base))
-        sp_rope = (c[:, None], sn[:, None])  # (S, 1, hd): broadcast over heads
-        q_pos = torch.arange(t0, t0 + t, device=dev)
-        k_pos = q_pos if cache is None else torch.cat((cache.positions(dev), q_pos))
-        c, sn = rope_tables(*rope_angles(q_pos, hd, base))
-        t_rope = (c[:, None], sn[:, None])
-        t_mask = temporal_mask(q_pos, k_pos, window)
+        sp_rope, t_rope, t_mask = self._tables(s, t0, t, cache, window, dev)
         if spatial_mask is not None and spatial_mask.shape != (s, s):
             raise ValueError(f"spatial_mask must be ({s}, {s}), got {tuple(spatial_mask.shape)}")
 
@@ -569,6 +616,39 @@ class SpaceTimeTransformer(nn.Module):
         if cache is not None and commit:
             cache.advance(t)
         return self.norm(x)
+
+    def _tables(self, s: int, t0: int, t: int, cache: KVCache | None, window: int | None, dev: torch.device
+                ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
+        """Spatial RoPE tables (S, 1, hd), temporal ones (T, 1, hd) and the temporal mask (T, T_k).
+
+        They depend only on their arguments, so they are memoised: streaming re-runs the same frame
+        (K denoising passes, then the commit pass) and the spatial tables never change. Computed exactly
+        as without the memo (same calls), so results are bit-identical. The key holds the autocast and
+        inference-mode state: tables made under ``inference_mode`` must not meet autograd later. The
+        tables are constants (no grad), shared by every call with the same key: never modify them.
+        """
+        flags = (dev, torch.is_autocast_enabled(dev.type), torch.is_inference_mode_enabled())
+        hd, base = self.head_dim, self.cfg.rope_base
+        memo = self.__dict__.setdefault("_memo", {})
+        if len(memo) > 32:
+            memo.clear()
+        sp_key = ("spatial", s, *flags)
+        if sp_key not in memo:
+            c, sn = rope_tables(*rope_angles(torch.arange(s, device=dev), hd, base))
+            memo[sp_key] = (c[:, None], sn[:, None])  # (S, 1, hd): broadcast over heads
+        t_key = ("temporal", t0, t, *flags)  # RoPE rotates by absolute frame index
+        if memo.get("temporal_key") != t_key:
+            c, sn = rope_tables(*rope_angles(torch.arange(t0, t0 + t, device=dev), hd, base))
+            memo["temporal_key"], memo["temporal"] = t_key, (c[:, None], sn[:, None])
+        # The mask compares frame indices of queries (t0 .. t0 + t - 1) and keys (the cached frames just
+        # before t0, then the queries): it depends on t, the cached length and the window, never on t0.
+        m_key = ("mask", t, None if cache is None else cache.length, window, *flags)
+        if m_key not in memo:
+            q_pos = torch.arange(t0, t0 + t, device=dev)
+            k_pos = q_pos if cache is None else torch.cat((cache.positions(dev), q_pos))
+            with torch.inference_mode(False):  # a version-tracked tensor, so attend() memoises its bias
+                memo[m_key] = temporal_mask(q_pos, k_pos, window)
+        return memo[sp_key], memo["temporal"], memo[m_key]
 
     def _check_cache(self, cache: KVCache, batch: int, window: int | None, t0: int | None) -> int:
         if cache.batch != batch:
