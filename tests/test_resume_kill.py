@@ -12,13 +12,21 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-ARGS = ["--config", "tiny", "data.size=16", "train_tokenizer.steps=120", "train_tokenizer.ckpt_every=5",
+from worldflow.cli import main
+
+# 40 steps, a checkpoint every 5: the kill lands after step 10, mid-schedule (warm-up 5, cosine to 40), with
+# at least 30 steps (~1 s) of margin before the run would end on its own.
+STEPS = 40
+ARGS = ["--config", "tiny", "data.size=16", f"train_tokenizer.steps={STEPS}", "train_tokenizer.ckpt_every=5",
         "train_tokenizer.eval_every=0", "train_tokenizer.log_every=1"]
 
 
+def _argv(data: Path, run: Path) -> list[str]:
+    return ["train", "tokenizer", "--data", str(data), "--run", str(run), "--no-progress", *ARGS]
+
+
 def _train(data: Path, run: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "worldflow.cli", "train", "tokenizer", "--data", str(data),
-           "--run", str(run), "--no-progress", *ARGS]
+    cmd = [sys.executable, "-m", "worldflow.cli", *_argv(data, run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -32,13 +40,14 @@ def _latest_step(run: Path) -> int:
 
 
 def _final_weights(run: Path) -> dict:
-    d = run / "tokenizer" / "checkpoints" / "step_00000120" / "model.safetensors"
+    d = run / "tokenizer" / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"
     return load_file(str(d))
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_data, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert _train(tiny_data, full).wait(timeout=300) == 0
+    # the uninterrupted reference runs the same command in this process (one interpreter start-up fewer)
+    assert main(_argv(tiny_data, full)) == 0
 
     proc = _train(tiny_data, killed)
     deadline = time.time() + 300
@@ -47,7 +56,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_data, tmp_path):
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 10 <= _latest_step(killed) < 120
+    assert 10 <= _latest_step(killed) < STEPS
 
     resumed = _train(tiny_data, killed)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()

@@ -151,14 +151,15 @@ def test_decoder_latents_do_not_see_patch_queries():
 
 
 def test_tiny_tokenizer_overfits_moving_squares():
-    """Capacity/optimisation check: 4 clips of 16x16 moving squares, tiny preset, 400 Adam steps
-    (~13 s on one core; seeds 0-7 all reach > 27 dB in 300-400 steps)."""
+    """Capacity/optimisation check: 2 clips of 6 16x16 frames of moving squares (the tokenizer's whole
+    temporal window), tiny preset, 300 Adam steps (~6 s on one core). An untrained tokenizer scores ~15 dB;
+    seeds 0-7 all reach > 28 dB in 300 steps (seed 0: ~40 dB)."""
     tok = make(seed=0)
-    clips = moving_squares()
+    clips = moving_squares(n=2)
     loss_fn = TokenizerLoss(tok.cfg)
     opt = torch.optim.AdamW(tok.parameters(), lr=5e-3, weight_decay=0.0, betas=(0.9, 0.95))
     tok.train()
-    for step in range(400):
+    for step in range(300):
         for g in opt.param_groups:
             g["lr"] = 5e-3 * min(1.0, (step + 1) / 20)  # short warm-up, as the trainer does
         out = tok(clips, mask=False)  # masking is a regulariser; this test measures fitting

@@ -154,57 +154,94 @@ def test_seeds_give_same_and_different_frames(tiny_run):
     assert not np.array_equal(a.step(1)[0], b.step(1)[0])
 
 
-def test_long_episode_memory_is_flat(tiny_run):
-    """2,000 imagined steps (K=1): fixed-size caches, no history, bounded Python and process memory."""
-    env = make_env(tiny_run, steps=1)
+# One long episode, shared by the two memory tests below: a 10,000-step imagined episode (K=1) in a world
+# model built for them: depth 1 everywhere (still one temporal layer, so both KV caches are exercised) and
+# two training steps per phase, the agent's heads from behaviour cloning alone. The weights need not be
+# good; a step then costs about half the tiny run's.
+MICRO = ["tokenizer.transformer.depth=1", "dynamics.transformer.depth=1",
+         "dynamics.transformer.temporal_every=1",
+         *(f"train_{p}.{k}" for p in ("tokenizer", "dynamics", "bc") for k in ("steps=2", "eval_every=0"))]
+
+
+@pytest.fixture(scope="module")
+def micro_run(tiny_data, tiny_cfg, tmp_path_factory) -> Path:
+    from worldflow import train_agent, train_dynamics, train_tokenizer
+
+    run = tmp_path_factory.mktemp("runs") / "micro"
+    train_tokenizer.train(tiny_cfg(*MICRO), tiny_data, run, progress=False)
+    train_dynamics.train(tiny_cfg(*MICRO), tiny_data, run, progress=False)
+    train_agent.train_bc(tiny_cfg(*MICRO), tiny_data, run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def long_episode(micro_run) -> dict:
+    """Steps one imagined episode 10,000 times and records what the two memory tests check.
+
+    The episode must not end, so the continue probability is a constant 1 — computed after the real
+    continue head has run, so a step does all its usual work: the cached dynamics rollout, the streaming
+    decoder, the reward and continue heads, the observation copies.
+    """
+    env = make_env(micro_run, steps=1)
+    heads = env.unwrapped.world_model.heads
+    real = heads.continue_prob
+    heads.continue_prob = lambda h, task=None: torch.ones_like(real(h, task))
     env.reset(seed=0)
     stream, dec = env.stream, env.decode_cache
-    for _ in range(100):
-        env.step(1)
-    sizes = (stream.cache.nbytes(), dec.nbytes(), stream.cache.length, dec.length)
-    rss0 = _rss()
-    for i in range(1500):
-        env.step(i % 3)
+    rec = {"bad_steps": [], "rss": {}}
+
+    def sizes() -> tuple[int, int, int, int]:
+        return stream.cache.nbytes(), dec.nbytes(), stream.cache.length, dec.length
+
+    def run(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            _, reward, terminated, truncated, _ = env.step(1 if i < 100 else i % 3)
+            if terminated or truncated or not np.isfinite(reward):
+                rec["bad_steps"].append(i)
+
+    run(0, 100)
+    rec["sizes_100"], rec["rss"][100] = sizes(), _rss()
+    for start, stop in ((100, 500), (500, 1000), (1000, 1500)):
+        run(start, stop)
+        rec["rss"][stop] = _rss()
+    run(1500, 1600)
     tracemalloc.start()  # only over the last stretch: tracing slows every allocation down
-    for i in range(400):
-        env.step(i % 3)
-    traced, _ = tracemalloc.get_traced_memory()
+    run(1600, 2000)
+    rec["traced"], _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert (stream.cache.nbytes(), dec.nbytes(), stream.cache.length, dec.length) == sizes
-    assert stream.history == [] and stream.t == dec.next_t == 3 + 2000
+    rec["sizes_2000"], rec["rss"][2000] = sizes(), _rss()
+    rec["history_2000"], rec["t_2000"], rec["dec_t_2000"] = list(stream.history), stream.t, dec.next_t
+    for start in range(2000, 10_000, 500):
+        run(start, start + 500)
+        rec["rss"][start + 500] = _rss()
+    rec["history"], rec["t"], rec["env_stream_t"] = list(stream.history), stream.t, env.stream.t
+    return rec
+
+
+def test_long_episode_memory_is_flat(long_episode):
+    """The first 2,000 steps (K=1) of the long episode: fixed-size caches, no history, bounded Python and
+    process memory."""
+    rec = long_episode
+    assert rec["sizes_2000"] == rec["sizes_100"]
+    assert rec["history_2000"] == [] and rec["t_2000"] == rec["dec_t_2000"] == 3 + 2000
     # ~7 kB of allocator noise; keeping one small tensor per step would show as ~80 kB
+    traced = rec["traced"]
     assert traced < 48 << 10, f"{traced} bytes of Python objects accumulated over 400 steps"
-    if rss0 is not None:
-        assert _rss() - rss0 < 16 << 20
+    if rec["rss"][100] is not None:
+        assert rec["rss"][2000] - rec["rss"][100] < 16 << 20
 
 
 @pytest.mark.slow
-def test_10k_step_episode_rss_is_flat(tiny_run):
-    """One 10,000-step imagined episode (K=1): after a 500-step warm-up, process RSS grows < 50 MB.
-
-    The episode must not end, so the continue head is replaced by a constant 1 (the tiny run's head hovers
-    near 0.5 and could end it at any step); everything else a step does — the cached dynamics rollout, the
-    streaming decoder, the reward head, the observation copies — runs as usual.
-    """
-    env = make_env(tiny_run, steps=1)
-    env.unwrapped.world_model.heads.continue_prob = lambda h, task=None: torch.ones(h.shape[:-1])
-    env.reset(seed=0)
-
-    def run(n: int) -> None:
-        for i in range(n):
-            _, reward, terminated, truncated, _ = env.step(i % 3)
-            assert not (terminated or truncated)
-            assert np.isfinite(reward)
-
-    run(500)
-    rss0 = _rss()
+def test_10k_step_episode_rss_is_flat(long_episode):
+    """One 10,000-step imagined episode (K=1): after a 500-step warm-up, process RSS grows < 50 MB, and the
+    episode never ends (continue probability held at 1) nor yields a non-finite reward."""
+    rec = long_episode
+    assert rec["bad_steps"] == []
+    rss0 = rec["rss"][500]
     if rss0 is None:
         pytest.skip("RSS is read from /proc/self/statm (Linux only)")
-    peak = 0
-    for _ in range(19):
-        run(500)
-        peak = max(peak, _rss() - rss0)
-    assert env.stream.t == 3 + 10_000 and env.stream.history == []
+    peak = max(rss - rss0 for step, rss in rec["rss"].items() if step > 500)
+    assert rec["t"] == rec["env_stream_t"] == 3 + 10_000 and rec["history"] == []
     print(f"RSS growth over steps 500..10,000: peak {peak / 2**20:.2f} MB")
     assert peak < 50 << 20, f"RSS grew by {peak / 2**20:.1f} MB over 9,500 steps"
 
