@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from worldflow.cli import main
 
@@ -109,7 +110,11 @@ def test_bench_quick_smoke(tmp_path, monkeypatch):
     for what in ("tokenizer", "dynamics"):
         assert res[what]["tiny"]["tokens_per_s"] > 0 and res[what]["tiny"]["flop_per_step"] > 0
     assert set(res["rollout"]["cache"]) == {"16", "64"}
-    assert out.with_suffix(".md").exists()
+    phases = res["demo_phase_steps"]
+    assert phases.pop("preset") == "tiny" and set(phases) == {"tokenizer", "dynamics", "bc", "imagination"}
+    assert all(r["fp32_sec"] > 0 and r["bf16_sec"] > 0 for r in phases.values())
+    assert res["machine"]["cpu"].startswith(torch.backends.cpu.get_cpu_capability())
+    assert "| imagination |" in out.with_suffix(".md").read_text()
 
 
 def test_ablations_smoke(tiny_run, tiny_data, tmp_path, monkeypatch):

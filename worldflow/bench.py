@@ -5,6 +5,8 @@
   torch.utils.flop_counter on one step) as a fraction of the matmul peak;
 - rollout frames/s versus horizon with and without the KV cache, and the per-frame cost at a long
   horizon over a short one (constant with the cache, growing without);
+- seconds per step of every demo phase at the preset's batch shapes, fp32 against bf16 autocast (whether
+  this CPU runs bf16 natively, and what a preset's step budget costs here);
 - imagination steps/s of WorldModelVectorEnv at several batch sizes (when a trained run is given).
 
 Models are randomly initialised: speed does not depend on the weights. Nothing here is a test.
@@ -171,9 +173,78 @@ def vector_env_speed(run: str, num_envs: list[int], steps: int, n_steps: int = 2
     return out
 
 
+def demo_phase_steps(preset: str = "small", min_time: float = 3.0) -> dict[str, dict[str, float]]:
+    """Seconds per step of each demo phase at the preset's own batch shapes, in fp32 and under bf16 autocast.
+
+    tokenizer / dynamics / bc: one AdamW step; imagination: one imagined batch (``agent.imag_batch``
+    rollouts of ``agent.horizon`` frames at K = ``agent.imag_steps``), the cost phase 3 pays per
+    ``agent.imag_reuse`` updates. The bf16/fp32 ratio says whether this device runs bf16 natively (well
+    under 1) or emulates it (several times 1): what ``bf16: auto`` decides on (worldflow.precision).
+    """
+    from contextlib import nullcontext
+
+    from worldflow.imagination import AgentModel, imagine
+    from worldflow.train_agent import bc_losses
+    from worldflow.train_tokenizer import TokenizerTraining
+
+    cfg = _bench_config(preset)
+    space = gym.spaces.Discrete(3)
+    gen = torch.Generator().manual_seed(0)
+    n, dim, size = cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim, cfg.data.size
+
+    def clip(b: int, t: int) -> dict[str, torch.Tensor]:
+        return {"latents": torch.rand(b, t, n, dim) * 2 - 1, "actions": torch.randint(0, 3, (b, t)),
+                "action_mask": torch.ones(b, t, dtype=torch.bool), "rewards": torch.zeros(b, t),
+                "terminated": torch.zeros(b, t, dtype=torch.bool)}
+
+    def train_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+
+        return step
+
+    tc, tb = cfg.train_tokenizer, cfg.tokenizer.clip_len or cfg.data.clip_len
+    tok = TokenizerTraining(cfg)
+    frames = torch.randint(0, 256, (tc.batch, tb, size, size, 3), dtype=torch.uint8)
+    dyn_b = clip(cfg.train_dynamics.batch, cfg.data.clip_len)
+    agent = AgentModel(cfg, space)
+    bc_b = clip(cfg.train_bc.batch, cfg.data.clip_len)
+    ctx = clip(cfg.agent.imag_batch, max(1, min(cfg.data.clip_len, cfg.dynamics.context - 1)))
+    k = cfg.agent.imag_steps or cfg.dynamics.steps
+    from worldflow.dynamics import dynamics_loss
+
+    steps = {
+        "tokenizer": train_step(tok, lambda: tok(frames)[0]),
+        "dynamics": train_step(agent.dynamics, lambda: dynamics_loss(
+            agent.dynamics, dyn_b["latents"], dyn_b["actions"], dyn_b["action_mask"], cfg.dynamics, gen)[0]),
+        "bc": train_step(agent, lambda: bc_losses(agent, bc_b, cfg, gen)[0]),
+        "imagination": lambda: imagine(agent, ctx, cfg.agent.horizon, k, gen),
+    }
+    out: dict[str, dict[str, float]] = {}
+    for name, fn in steps.items():
+        row = {}
+        for prec in ("fp32", "bf16"):
+            ctx_mgr = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if prec == "bf16" else nullcontext
+
+            def run(fn=fn, ctx_mgr=ctx_mgr) -> None:
+                with ctx_mgr():
+                    fn()
+
+            row[f"{prec}_sec"] = _timeit(run, min_time, warmup=1, max_iters=20)
+        row["bf16_over_fp32"] = row["bf16_sec"] / row["fp32_sec"]
+        out[name] = row
+    return out
+
+
 def machine() -> dict[str, Any]:
+    from worldflow.precision import describe_cpu
+
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": describe_cpu(), "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -200,6 +271,8 @@ def run_all(presets: list[str], run: str | None, quick: bool = False) -> dict[st
     for k in ("cache", "no_cache"):
         fps = res["rollout"][k]
         res["rollout"][f"{k}_per_frame_cost_ratio_{long}_over_{short}"] = fps[short] / fps[long]
+    res["demo_phase_steps"] = {"preset": "tiny" if quick else "small",
+                               **demo_phase_steps("tiny" if quick else "small", 0.01 if quick else 3.0)}
     if run:
         res["vector_env"] = {"run": str(run), "steps": 4,
                              "steps_per_s": vector_env_speed(run, [1, 8] if quick else [1, 8, 64], 4)}
@@ -210,7 +283,8 @@ def markdown(res: dict[str, Any]) -> str:
     """The Markdown tables for docs/benchmarks.md."""
     m = res["machine"]
     peak = res["matmul_peak_flop_per_s"]
-    lines = [f"Measured {m['date']} on {m['processor']} ({m['threads']} threads), torch {m['torch']}, "
+    lines = [f"Measured {m['date']} on {m['processor']} ({m.get('cpu', '?')}; {m['threads']} threads), "
+             f"torch {m['torch']}, "
              f"{m['platform']}. Matmul peak (fp32 1024², same run): {peak / 1e9:.1f} GFLOP/s.", ""]
     lines += ["| model | preset | params | batch×frames | tokens/s | GFLOP/s | share of matmul peak |",
               "|---|---|---|---|---|---|---|"]
@@ -227,6 +301,14 @@ def markdown(res: dict[str, Any]) -> str:
     for k, v in ro.items():
         if "ratio" in k:
             lines.append(f"\n{k.replace('_', ' ')}: {v:.2f}")
+    if "demo_phase_steps" in res:
+        ph = dict(res["demo_phase_steps"])
+        lines += ["", f"Demo phase steps ({ph.pop('preset')} preset's batch shapes, CPU: "
+                  f"{m.get('cpu', '?')}), seconds per step (imagination: per imagined batch):", "",
+                  "| phase | fp32 | bf16 autocast | bf16 / fp32 |", "|---|---|---|---|"]
+        for name, r in ph.items():
+            lines.append(f"| {name} | {r['fp32_sec']:.3f} | {r['bf16_sec']:.3f} | "
+                         f"{r['bf16_over_fp32']:.2f} |")
     if "vector_env" in res:
         lines += ["", "WorldModelVectorEnv imagination steps/s (K=4):", "", "| envs | steps/s |", "|---|---|"]
         for n, v in res["vector_env"]["steps_per_s"].items():
