@@ -181,8 +181,7 @@ def demo_phase_steps(preset: str = "small", min_time: float = 3.0) -> dict[str, 
     ``agent.imag_reuse`` updates. The bf16/fp32 ratio says whether this device runs bf16 natively (well
     under 1) or emulates it (several times 1): what ``bf16: auto`` decides on (worldflow.precision).
     """
-    from contextlib import nullcontext
-
+    from worldflow.dynamics import dynamics_loss
     from worldflow.imagination import AgentModel, imagine
     from worldflow.train_agent import bc_losses
     from worldflow.train_tokenizer import TokenizerTraining
@@ -215,8 +214,6 @@ def demo_phase_steps(preset: str = "small", min_time: float = 3.0) -> dict[str, 
     bc_b = clip(cfg.train_bc.batch, cfg.data.clip_len)
     ctx = clip(cfg.agent.imag_batch, max(1, min(cfg.data.clip_len, cfg.dynamics.context - 1)))
     k = cfg.agent.imag_steps or cfg.dynamics.steps
-    from worldflow.dynamics import dynamics_loss
-
     steps = {
         "tokenizer": train_step(tok, lambda: tok(frames)[0]),
         "dynamics": train_step(agent.dynamics, lambda: dynamics_loss(
@@ -228,10 +225,8 @@ def demo_phase_steps(preset: str = "small", min_time: float = 3.0) -> dict[str, 
     for name, fn in steps.items():
         row = {}
         for prec in ("fp32", "bf16"):
-            ctx_mgr = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if prec == "bf16" else nullcontext
-
-            def run(fn=fn, ctx_mgr=ctx_mgr) -> None:
-                with ctx_mgr():
+            def run(fn=fn, on=prec == "bf16") -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
                     fn()
 
             row[f"{prec}_sec"] = _timeit(run, min_time, warmup=1, max_iters=20)

@@ -136,7 +136,8 @@ class Trainer:
         self.ckpt_root = self.run_dir / phase / "checkpoints"
         self.config_dict = config_dict
         first = next(model.parameters(), None)
-        distributed.init(first.device if first is not None else "cpu")
+        device = first.device if first is not None else torch.device("cpu")
+        distributed.init(device)
         if cfg.activation_checkpointing:
             distributed.checkpoint_blocks(model)
         self._step_module = _Step(model)
@@ -146,7 +147,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.section = SECTIONS.get(phase, f"train_{phase}")
         # resolved once per phase: "auto" -> bf16 only where the device runs it natively
-        self.bf16 = precision.use_bf16(cfg.bf16, first.device if first is not None else "cpu", self.section)
+        self.bf16 = precision.use_bf16(cfg.bf16, device, self.section)
         self.step = 0
         self.progress = progress
 
@@ -241,7 +242,7 @@ class Trainer:
         stopped_by_time = False
         prec = precision.name(self.bf16)
         if self.step < self.cfg.steps:
-            log.write(f"[{self.phase}] precision {prec} ({self.section}.bf16={self.cfg.bf16}), "
+            log.write(f"[{self.phase}] precision {prec} ({self.section}.bf16={str(self.cfg.bf16).lower()}), "
                       f"steps {self.step}/{self.cfg.steps}")
         try:
             while self.step < self.cfg.steps:
