@@ -43,7 +43,7 @@ def _variant_run(base_run: Path, out: Path, name: str) -> Path:
 
 
 def _score(run: Path, data: str) -> dict[str, float]:
-    from worldflow.evaluate import evaluate_dynamics
+    from worldflow.eval.rollouts import evaluate_dynamics
 
     res = evaluate_dynamics(run, data, CONTEXT, HORIZONS, 4, SWEEP, 32, run / "eval", progress=False)
     row = {f"psnr_k{k}": res["steps_sweep"][k] for k in SWEEP}
@@ -83,8 +83,8 @@ def _table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def main() -> int:
-    from worldflow import train_dynamics
     from worldflow.io import atomic_write_text
+    from worldflow.train import dynamics as train_dynamics
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a run with a trained tokenizer")

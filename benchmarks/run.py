@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from worldflow.bench import add_parser
+from worldflow.cli.bench import add_parser
 
 
 def main() -> int:

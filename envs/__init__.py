@@ -13,10 +13,11 @@ CATCH_ID = "worldflow/Catch-v0"
 # Re-importing (reloads, several test modules) must not re-register: gymnasium warns on overrides.
 if CATCH_ID not in gymnasium.registry:
     gymnasium.register(id=CATCH_ID, entry_point="worldflow.envs.catch:CatchEnv", max_episode_steps=1000)
-# The trained world model as an env (worldflow.wm_env registers the same spec); strings keep torch unimported.
+# The trained world model as an env (worldflow.gym_env.env registers the same spec); strings keep torch
+# unimported.
 if "worldflow/WorldModel-v0" not in gymnasium.registry:
-    gymnasium.register(id="worldflow/WorldModel-v0", entry_point="worldflow.wm_env:WorldModelEnv",
-                       vector_entry_point="worldflow.wm_env:WorldModelVectorEnv")
+    gymnasium.register(id="worldflow/WorldModel-v0", entry_point="worldflow.gym_env.env:WorldModelEnv",
+                       vector_entry_point="worldflow.gym_env.env:WorldModelVectorEnv")
 
 from .catch import CatchEnv  # noqa: E402  (registration first: the modules below may call make)
 from .policies import POLICY_KINDS, make_policy  # noqa: E402

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    from worldflow.collect import collect
+    from worldflow.data.collect import collect
 
     out = tmp_path_factory.mktemp("data") / "catch16"
     collect("worldflow/Catch-v0", 6, out, policy="epsilon-expert", size=16, seed=0, progress=False,
@@ -39,7 +39,9 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tiny_cfg, tmp_path_factory) -> Path:
     """A run with every phase trained for a few steps: tokenizer, dynamics, agent_bc, agent."""
-    from worldflow import train_agent, train_dynamics, train_tokenizer
+    from worldflow.train import agent as train_agent
+    from worldflow.train import dynamics as train_dynamics
+    from worldflow.train import tokenizer as train_tokenizer
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train_tokenizer.train(tiny_cfg(), tiny_data, run, progress=False)

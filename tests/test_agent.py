@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributions as D
 
-from worldflow.agent import (
+from worldflow.agent.distributions import check_action, policy_distribution
+from worldflow.agent.heads import (
     AgentHeads,
     advantages,
     bc_mtp_loss,
@@ -24,9 +25,8 @@ from worldflow.agent import (
     pmpo_policy_loss,
     value_loss,
 )
+from worldflow.agent.twohot import make_bins, symexp, symlog, twohot_encode, twohot_loss, twohot_mean
 from worldflow.config import AgentConfig
-from worldflow.distributions import check_action, policy_distribution
-from worldflow.twohot import make_bins, symexp, symlog, twohot_encode, twohot_loss, twohot_mean
 
 CFG = AgentConfig(hidden=16, head_layers=2, mtp=2, bins=21)
 
@@ -467,9 +467,9 @@ def _phase2_batch(cfg, b=2, t=4, seed=0):
 def test_phase2_terms_are_divided_by_their_running_rms():
     """loss = Σ_k L_k / RMS_k with RMS_k = sqrt(EMA(L_k²)) (bias-corrected), so the first step gives one
     per term and the dynamics loss is not drowned by the 9-step BC sum; loss_norm=False gives Σ_k L_k."""
+    from worldflow.agent.model import PHASE2_TERMS, AgentModel
     from worldflow.config import load_config
-    from worldflow.imagination import PHASE2_TERMS, AgentModel
-    from worldflow.train_agent import bc_losses
+    from worldflow.train.agent import bc_losses
 
     cfg = load_config("tiny")
     model = AgentModel(cfg, gym.spaces.Discrete(3)).train()
@@ -490,8 +490,8 @@ def test_imagine_aligns_heads_with_states_and_returns_float32_under_bf16():
     """imagine(): rewards/continues are the heads at h_1..h_H (reward on arrival), actions are the policy's
     at h_0..h_{H−1}; under bf16 autocast (phase 3 with train_agent.bf16) every tensor comes back float32
     and the imagined rollout stays close to the float32 one."""
+    from worldflow.agent.model import AgentModel, imagine
     from worldflow.config import load_config
-    from worldflow.imagination import AgentModel, imagine
 
     cfg = load_config("tiny")
     model = AgentModel(cfg, gym.spaces.Discrete(3)).eval()

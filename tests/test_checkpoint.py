@@ -7,7 +7,7 @@ import torch
 
 from worldflow.checkpoint import CheckpointError, latest_checkpoint, load_weights, save_checkpoint
 from worldflow.config import TrainConfig
-from worldflow.trainer import NonFiniteLossError, Trainer
+from worldflow.train.trainer import NonFiniteLossError, Trainer
 
 
 def _model():
@@ -89,7 +89,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
 def test_head_lr_applies_to_heads_only(tmp_path):
     """train.head_lr sets the peak lr of parameters under ``heads.``; the schedule scales both groups, and
     weight decay still skips 1-D parameters."""
-    from worldflow.trainer import lr_at, make_optimizer
+    from worldflow.train.trainer import lr_at, make_optimizer
 
     class WithHeads(torch.nn.Module):
         def __init__(self):

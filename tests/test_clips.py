@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from worldflow.clips import ClipBank, episode_tensors
-from worldflow.episodes import Episode
+from worldflow.data.clips import ClipBank, episode_tensors
+from worldflow.data.episodes import Episode
 
 
 def _episode(i, n):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from worldflow import collect as collect_mod
-from worldflow.dataset import ClipDataset, EpisodeDataset, select_episodes
-from worldflow.episodes import (
+from worldflow.data import collect as collect_mod
+from worldflow.data.dataset import ClipDataset, EpisodeDataset, select_episodes
+from worldflow.data.episodes import (
     CorruptEpisodeError,
     DatasetNotFoundError,
     DatasetWriter,
@@ -23,7 +23,7 @@ from worldflow.episodes import (
     space_from_dict,
     space_to_dict,
 )
-from worldflow.video import write_video
+from worldflow.data.video import write_video
 
 SIZE = 40  # a width every decord build reads (decord2 3.4.0 cannot read 32-wide frames; see video.py)
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from worldflow.metrics import psnr, ssim
+from worldflow.eval.metrics import psnr, ssim
 
 
 def test_psnr_of_known_noise():
@@ -44,7 +44,7 @@ def test_ssim_constant_shift_matches_formula():
 def test_object_match_counts_exact_frames_only():
     from worldflow.envs.catch import read_objects
 
-    from worldflow.metrics import object_match
+    from worldflow.eval.metrics import object_match
 
     truth = np.zeros((2, 3, 64, 64, 3), np.uint8)  # 2 clips x 3 frames, one ball in cell (2, 5)
     truth[:, :, 16:24, 40:48] = (255, 64, 64)

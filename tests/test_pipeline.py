@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from worldflow.cli import main
+from worldflow.cli.main import main
 
 
 def test_run_has_all_phases(tiny_run):
@@ -98,7 +98,7 @@ def test_bad_override_is_a_named_error(tiny_data, tmp_path, capsys):
 def test_bench_quick_smoke(tmp_path, monkeypatch):
     """The benchmark entry point runs and writes its JSON and Markdown (no timing is asserted, so each
     timed call runs once instead of for --quick's 0.5 s)."""
-    from worldflow import bench
+    from worldflow.cli import bench
 
     real = bench._timeit
     monkeypatch.setattr(bench, "_timeit", lambda fn, min_time=1.0, warmup=1, max_iters=1000:
@@ -168,7 +168,7 @@ def test_imagined_batch_serves_imag_reuse_updates(tiny_run, tiny_data, tiny_cfg,
     """agent.imag_reuse = 2: six phase-3 updates imagine three batches, each used by two updates."""
     import shutil
 
-    from worldflow import train_agent
+    from worldflow.train import agent as train_agent
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("agent"))

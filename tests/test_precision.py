@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from worldflow import precision
+from worldflow.cli.demo import capped_phases
 from worldflow.config import ConfigError, TrainConfig, load_config
-from worldflow.demo import capped_phases
-from worldflow.trainer import Trainer, status_note
+from worldflow.train.trainer import Trainer, status_note
 
 
 def _fake_cpu(monkeypatch, native: bool) -> None:

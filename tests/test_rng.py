@@ -179,7 +179,7 @@ def test_cuda_draws_from_a_cpu_generator_equal_the_cpu_draws():
                                    gym.spaces.MultiBinary(4), gym.spaces.Box(-1.0, 2.0, (3,))],
                          ids=["discrete", "multidiscrete", "multibinary", "box"])
 def test_policy_distributions_sample_on_cuda_with_a_cpu_generator(space):
-    from worldflow.distributions import TanhNormal, policy_distribution
+    from worldflow.agent.distributions import TanhNormal, policy_distribution
 
     spec = policy_distribution(space)
     params = torch.randn(6, spec.param_dim, generator=gen(1))
@@ -207,9 +207,9 @@ def _agent_batch(cfg, b: int, t: int, device: torch.device | str) -> dict[str, t
 
 @cuda
 def test_context_features_bc_losses_and_imagination_on_cuda():
+    from worldflow.agent.model import AgentModel, imagine
     from worldflow.config import load_config
-    from worldflow.imagination import AgentModel, imagine
-    from worldflow.train_agent import bc_losses
+    from worldflow.train.agent import bc_losses
 
     cfg = load_config("tiny")
     assert cfg.dynamics.context_noise  # the noisy-context draw is the one under test
@@ -234,7 +234,9 @@ def test_context_features_bc_losses_and_imagination_on_cuda():
 def test_tiny_pipeline_on_cuda(tiny_data, tiny_cfg, tmp_path):
     """Tokenizer, dynamics, BC and imagination phases of the tiny preset with device=cuda: the trainer's
     generator stays on the CPU while models and batches live on the GPU."""
-    from worldflow import train_agent, train_dynamics, train_tokenizer
+    from worldflow.train import agent as train_agent
+    from worldflow.train import dynamics as train_dynamics
+    from worldflow.train import tokenizer as train_tokenizer
 
     cfg = lambda: tiny_cfg("device=cuda")  # noqa: E731
     assert cfg().device == "cuda"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from worldflow.config import load_config
-from worldflow.lpips import LPIPSVGG, load_lpips
-from worldflow.tokenizer import CausalTokenizer, RunningRMS, TokenizerLoss
+from worldflow.eval.lpips import LPIPSVGG, load_lpips
+from worldflow.tokenizer.model import CausalTokenizer, RunningRMS, TokenizerLoss
 
 SIZE = 16
 

@@ -6,8 +6,15 @@ import pickle
 import numpy as np
 import pytest
 
-from worldflow import video
-from worldflow.video import VideoDecodeError, VideoReader, read_video, tile_videos, write_gif, write_video
+from worldflow.data import video
+from worldflow.data.video import (
+    VideoDecodeError,
+    VideoReader,
+    read_video,
+    tile_videos,
+    write_gif,
+    write_video,
+)
 
 BACKENDS = ["pyav"] + (["decord"] if video.decord_available() else [])
 

@@ -1,4 +1,4 @@
-"""The world model as gymnasium envs (worldflow.wm_env) on the session's tiny trained run."""
+"""The world model as gymnasium envs (worldflow.gym_env.env) on the session's tiny trained run."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from gymnasium.utils.env_checker import check_env
 
 from worldflow.config import TransformerConfig
 from worldflow.dynamics import RolloutStream
+from worldflow.gym_env.env import ENV_ID, RowNoiseStream, WorldModelEnv, WorldModelVectorEnv
 from worldflow.nn import SpaceTimeTransformer
-from worldflow.wm_env import ENV_ID, RowNoiseStream, WorldModelEnv, WorldModelVectorEnv
 
 
 def make_env(run, **kw) -> WorldModelEnv:
@@ -109,13 +109,13 @@ def test_env_checker_and_make(tiny_run):
 def test_registered_lazily_by_worldflow_envs():
     """``import worldflow.envs`` registers the id without importing the world-model stack."""
     code = ("import sys, gymnasium, worldflow.envs; spec = gymnasium.spec('worldflow/WorldModel-v0'); "
-            "assert spec.entry_point == 'worldflow.wm_env:WorldModelEnv', spec; "
-            "assert spec.vector_entry_point == 'worldflow.wm_env:WorldModelVectorEnv', spec; "
-            "assert 'worldflow.wm_env' not in sys.modules and 'torch' not in sys.modules")
+            "assert spec.entry_point == 'worldflow.gym_env.env:WorldModelEnv', spec; "
+            "assert spec.vector_entry_point == 'worldflow.gym_env.env:WorldModelVectorEnv', spec; "
+            "assert 'worldflow.gym_env.env' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
-    spec = gymnasium.spec(ENV_ID)  # and worldflow.wm_env registers the same spec
-    assert spec.entry_point == "worldflow.wm_env:WorldModelEnv"
-    assert spec.vector_entry_point == "worldflow.wm_env:WorldModelVectorEnv"
+    spec = gymnasium.spec(ENV_ID)  # and worldflow.gym_env.env registers the same spec
+    assert spec.entry_point == "worldflow.gym_env.env:WorldModelEnv"
+    assert spec.vector_entry_point == "worldflow.gym_env.env:WorldModelVectorEnv"
 
 
 def test_bad_actions_raise_clear_errors(tiny_run):
@@ -165,7 +165,9 @@ MICRO = ["tokenizer.transformer.depth=1", "dynamics.transformer.depth=1",
 
 @pytest.fixture(scope="module")
 def micro_run(tiny_data, tiny_cfg, tmp_path_factory) -> Path:
-    from worldflow import train_agent, train_dynamics, train_tokenizer
+    from worldflow.train import agent as train_agent
+    from worldflow.train import dynamics as train_dynamics
+    from worldflow.train import tokenizer as train_tokenizer
 
     run = tmp_path_factory.mktemp("runs") / "micro"
     train_tokenizer.train(tiny_cfg(*MICRO), tiny_data, run, progress=False)

@@ -1,7 +1,7 @@
 """Multi-process training under ``torchrun``: process group, model wrapping, collectives, the row split.
 
-Everything that knows about ranks lives here (and in :mod:`worldflow.trainer`, which calls it); the model
-and loss code only ever asks :func:`rows_of` "which rows of the global batch are mine?".
+Everything that knows about ranks lives here (and in :mod:`worldflow.train.trainer`, which calls it);
+the model and loss code only ever asks :func:`rows_of` "which rows of the global batch are mine?".
 
 - **Process group.** :func:`init` joins the group torchrun describes in its environment variables (``RANK``,
   ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): gloo on CPU, nccl on CUDA (each process

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from worldflow.clips import ClipBank
 from worldflow.config import Config
+from worldflow.data.clips import ClipBank
+from worldflow.eval.metrics import object_match, psnr, ssim
+from worldflow.eval.visual import comparison_video, plot_curves, write_media
 from worldflow.io import atomic_write_text
-from worldflow.metrics import object_match, psnr, ssim
-from worldflow.visual import comparison_video, plot_curves, write_media
 
 DEFAULT_HORIZONS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -137,8 +137,8 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
                       ) -> dict[str, Any]:
     """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model."""
     from worldflow.runs import device_of, phase_config
-    from worldflow.train_dynamics import action_space_of, latent_bank, load_dynamics
-    from worldflow.train_tokenizer import load_tokenizer
+    from worldflow.train.dynamics import action_space_of, latent_bank, load_dynamics
+    from worldflow.train.tokenizer import load_tokenizer
 
     cfg = phase_config(run, "dynamics")
     device = device_of(cfg)
@@ -178,8 +178,8 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
 
 def reader_of(data: str | Path):
     """The object reader of the dataset's env (worldflow.envs.object_reader), or None."""
+    from worldflow.data.episodes import load_manifest
     from worldflow.envs import object_reader
-    from worldflow.episodes import load_manifest
 
     return object_reader(load_manifest(data).get("env_id"))
 
@@ -212,7 +212,7 @@ def _plots(res: dict[str, Any], out_dir: Path) -> None:
 def evaluate_tokenizer_run(run: str | Path, data: str | Path, clips: int, progress: bool = True
                            ) -> dict[str, Any]:
     from worldflow.runs import device_of
-    from worldflow.train_tokenizer import evaluate_tokenizer, load_tokenizer
+    from worldflow.train.tokenizer import evaluate_tokenizer, load_tokenizer
 
     tok, cfg = load_tokenizer(run, "cpu")
     device = device_of(cfg)
@@ -235,8 +235,8 @@ def evaluate_agent_run(run: str | Path, env_id: str, episodes: int, seed: int = 
     was trained); ``*_return_mode`` repeats it acting with the policy's mode. The same env seeds are used
     for every policy.
     """
-    from worldflow.agent_eval import baseline_returns, policy_returns
     from worldflow.checkpoint import latest_checkpoint
+    from worldflow.eval.returns import baseline_returns, policy_returns
     from worldflow.runs import phase_config
 
     cfg = phase_config(run, "agent_bc")

@@ -59,12 +59,12 @@ from gymnasium.vector.utils import batch_space
 from torch import Tensor
 
 from worldflow import flow, rng
+from worldflow.agent.distributions import check_action
+from worldflow.agent.model import AGENT_PHASES, features, load_agent_model, run_action_space, run_dataset
 from worldflow.config import Config
-from worldflow.distributions import check_action
 from worldflow.dynamics import DynamicsModel, RolloutStream, shift_actions
-from worldflow.imagination import AGENT_PHASES, features, load_agent_model, run_action_space, run_dataset
 from worldflow.nn import KVCache
-from worldflow.tokenizer import CausalTokenizer
+from worldflow.tokenizer.model import CausalTokenizer
 
 __all__ = [
     "ENV_ID",
@@ -93,7 +93,7 @@ class WorldModel:
 
     tok: CausalTokenizer
     dynamics: DynamicsModel
-    heads: Any  # worldflow.agent.AgentHeads | None
+    heads: Any  # worldflow.agent.heads.AgentHeads | None
     cfg: Config
     phase: str
     action_space: gym.Space
@@ -108,8 +108,8 @@ def load_world_model(run: str | Path, phase: str | None = None, device: torch.de
     """Tokenizer + dynamics + heads of a run. ``phase``: None (agent, else agent_bc, else dynamics only,
     with a warning), 'agent', 'agent_bc' or 'dynamics' (no heads)."""
     from worldflow.checkpoint import CheckpointError
-    from worldflow.train_dynamics import load_dynamics
-    from worldflow.train_tokenizer import load_tokenizer
+    from worldflow.train.dynamics import load_dynamics
+    from worldflow.train.tokenizer import load_tokenizer
 
     tok, _ = load_tokenizer(run, device)
     space = run_action_space(run)
@@ -206,7 +206,7 @@ class ContextBank:
     def load(cls, run: str | Path, split: str, context: int, tok: CausalTokenizer, cfg: Config
              ) -> ContextBank:
         """The split's latents cached by ``train dynamics``; (re)encoded if the dataset is still present."""
-        from worldflow.train_dynamics import latent_bank
+        from worldflow.train.dynamics import latent_bank
 
         data = run_dataset(run).get("data")
         if data and Path(data).exists():  # validates the cache key against dataset + tokenizer
@@ -636,8 +636,8 @@ class WorldModelVectorEnv(VectorEnv):
 def register() -> None:
     """Register ``worldflow/WorldModel-v0`` (once). ``import worldflow.envs`` does the same, lazily."""
     if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point="worldflow.wm_env:WorldModelEnv",
-                     vector_entry_point="worldflow.wm_env:WorldModelVectorEnv")
+        gym.register(id=ENV_ID, entry_point="worldflow.gym_env.env:WorldModelEnv",
+                     vector_entry_point="worldflow.gym_env.env:WorldModelVectorEnv")
 
 
 register()

@@ -2,7 +2,7 @@
 
 Small datasets (the CPU presets) fit in memory many times over; decoding each episode once and slicing
 clips from memory removes video decoding from the training loop, and drawing every random choice from
-the trainer's ``torch.Generator`` makes resume exact. Large datasets use ``worldflow.dataset.ClipDataset``
+the trainer's ``torch.Generator`` makes resume exact. Large datasets use ``worldflow.data.dataset.ClipDataset``
 with DataLoader workers instead.
 
 An episode is a dict of per-step tensors with a common length L (number of frames):
@@ -26,7 +26,7 @@ from worldflow.config import DataConfig
 
 
 def episode_tensors(ep) -> dict[str, torch.Tensor]:
-    """Per-frame tensors of one loaded ``worldflow.episodes.Episode``, aligned to its L = T + 1 frames."""
+    """Per-frame tensors of one loaded ``worldflow.data.episodes.Episode``, aligned to its L = T + 1 frames."""
     frames = torch.as_tensor(np.asarray(ep.frames))
     n = frames.shape[0]
     acts = torch.as_tensor(np.asarray(ep.actions))
@@ -60,8 +60,8 @@ class ClipBank:
     def load(cls, root: str | Path, data: DataConfig, split: str = "train", progress: bool = True
              ) -> ClipBank:
         """Decode every episode of a split of a dataset directory into memory."""
-        from worldflow.dataset import select_episodes
-        from worldflow.episodes import CorruptEpisodeError, load_episode, load_manifest
+        from worldflow.data.dataset import select_episodes
+        from worldflow.data.episodes import CorruptEpisodeError, load_episode, load_manifest
 
         manifest = load_manifest(root)
         entries = select_episodes(manifest, split, data.holdout_fraction)

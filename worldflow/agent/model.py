@@ -3,8 +3,8 @@
 Agent features: the dynamics model's agent-token outputs (B, T, A, W) flattened to h (B, T, A·W).
 A state h_t is read off the *commit pass* of frame t (the frame fed at the context level τ_ctx, as every
 context frame is), so the heads see the same kind of input in behaviour cloning, in imagination and when
-acting in the real env. Time alignment follows worldflow.agent: the policy at h_t picks a_t, which enters
-the tokens of frame t+1; reward and continue of that transition are read off h_{t+1}.
+acting in the real env. Time alignment follows worldflow.agent.heads: the policy at h_t picks a_t,
+which enters the tokens of frame t+1; reward and continue of that transition are read off h_{t+1}.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from worldflow import flow, rng
-from worldflow.agent import AgentHeads
+from worldflow.agent.heads import AgentHeads
 from worldflow.config import Config
 from worldflow.distributed import rows_of
 from worldflow.dynamics import RolloutStream, shift_actions
-from worldflow.tokenizer import RunningRMS
+from worldflow.tokenizer.model import RunningRMS
 
 PHASE2_TERMS = ("dynamics", "bc", "reward", "continue")
 
@@ -42,7 +42,7 @@ class AgentModel(nn.Module):
 
     def __init__(self, cfg: Config, action_space: gym.Space):
         super().__init__()
-        from worldflow.train_dynamics import build_dynamics
+        from worldflow.train.dynamics import build_dynamics
 
         self.dynamics = build_dynamics(cfg, action_space)
         self.heads = AgentHeads(feature_dim(cfg), action_space, cfg.agent, num_tasks=cfg.dynamics.num_tasks)
@@ -145,7 +145,7 @@ AGENT_PHASES = ("agent", "agent_bc")  # imagination-trained first, then behaviou
 
 def record_dataset(run: str | Path, data: str | Path) -> None:
     """Remember the dataset a run was trained on (env id, action space), for envs built from the run."""
-    from worldflow.episodes import load_manifest
+    from worldflow.data.episodes import load_manifest
     from worldflow.io import atomic_write_text
 
     m = load_manifest(data)
@@ -162,7 +162,7 @@ def run_dataset(run: str | Path) -> dict[str, Any]:
 
 
 def run_action_space(run: str | Path) -> gym.Space:
-    from worldflow.episodes import space_from_dict
+    from worldflow.data.episodes import space_from_dict
 
     return space_from_dict(run_dataset(run)["action_space"])
 

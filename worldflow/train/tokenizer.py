@@ -12,15 +12,15 @@ from typing import Any
 
 import torch
 
+from worldflow.agent.model import record_dataset
 from worldflow.checkpoint import load_weights
-from worldflow.clips import ClipBank
 from worldflow.config import Config, to_dict, warn_if_window_exceeds_training
-from worldflow.imagination import record_dataset
-from worldflow.metrics import object_match, psnr, ssim
+from worldflow.data.clips import ClipBank
+from worldflow.eval.metrics import object_match, psnr, ssim
+from worldflow.eval.visual import comparison_video, write_media
 from worldflow.runs import device_of, phase_checkpoint, phase_config, resolve_config, start_phase
-from worldflow.tokenizer import CausalTokenizer, TokenizerLoss
-from worldflow.trainer import Trainer, status_note
-from worldflow.visual import comparison_video, write_media
+from worldflow.tokenizer.model import CausalTokenizer, TokenizerLoss
+from worldflow.train.trainer import Trainer, status_note
 
 PHASE = "tokenizer"
 
@@ -78,7 +78,7 @@ def evaluate_tokenizer(tok: CausalTokenizer, frames: torch.Tensor, batch: int = 
 def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, progress: bool = True
           ) -> dict[str, Any]:
     """Train the tokenizer; returns the trainer summary with the final held-out metrics."""
-    from worldflow.evaluate import reader_of
+    from worldflow.eval.rollouts import reader_of
 
     phase_dir = start_phase(run, PHASE, cfg)
     record_dataset(run, data)
@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worldflow.cli import add_train_args
+    from worldflow.cli.main import add_train_args
 
     p = sub.add_parser("tokenizer", help="train the causal video tokenizer",
                        description="Train the causal video tokenizer on a collected dataset.")

@@ -21,7 +21,7 @@ EVAL_EPISODES = 50
 
 
 def _collect(cfg: Config, data: Path, progress: bool) -> None:
-    from worldflow.collect import collect
+    from worldflow.data.collect import collect
 
     if (data / "manifest.json").exists():
         return
@@ -34,8 +34,10 @@ def _collect(cfg: Config, data: Path, progress: bool) -> None:
 
 
 def run_demo(cfg: Config, run: Path, data: Path | None = None, progress: bool = True) -> dict:
-    from worldflow import train_agent, train_dynamics, train_tokenizer
-    from worldflow.evaluate import evaluate_agent_run, evaluate_dynamics
+    from worldflow.eval.rollouts import evaluate_agent_run, evaluate_dynamics
+    from worldflow.train import agent as train_agent
+    from worldflow.train import dynamics as train_dynamics
+    from worldflow.train import tokenizer as train_tokenizer
 
     t0 = time.time()
     run.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worldflow.cli import add_config_args
+    from worldflow.cli.main import add_config_args
 
     p = sub.add_parser("demo", help="run the whole pipeline on Catch (collect, train, evaluate)",
                        description=__doc__)

@@ -79,7 +79,7 @@ def _bench_config(preset: str) -> Config:
 
 def tokenizer_throughput(preset: str, batch: int, frames: int, min_time: float) -> dict[str, float]:
     """One AdamW training step of the tokenizer on random frames: tokens/s and FLOP/s."""
-    from worldflow.train_tokenizer import TokenizerTraining
+    from worldflow.train.tokenizer import TokenizerTraining
 
     cfg = _bench_config(preset)
     model = TokenizerTraining(cfg)
@@ -100,7 +100,7 @@ def tokenizer_throughput(preset: str, batch: int, frames: int, min_time: float) 
 def dynamics_throughput(preset: str, batch: int, frames: int, min_time: float) -> dict[str, float]:
     """One AdamW training step of the dynamics model (shortcut forcing) on random latents."""
     from worldflow.dynamics import dynamics_loss
-    from worldflow.train_dynamics import build_dynamics
+    from worldflow.train.dynamics import build_dynamics
 
     cfg = _bench_config(preset)
     space = gym.spaces.Discrete(3)
@@ -140,7 +140,7 @@ def rollout_speed(preset: str, horizons: list[int], steps: int, use_cache: bool,
                   ) -> dict[int, float]:
     """Frames/s of an autoregressive rollout of ``h`` frames (after 1 context frame) for each horizon."""
     from worldflow.dynamics import rollout
-    from worldflow.train_dynamics import build_dynamics
+    from worldflow.train.dynamics import build_dynamics
 
     cfg = _bench_config(preset)
     model = build_dynamics(cfg, gym.spaces.Discrete(3)).eval()
@@ -157,7 +157,7 @@ def rollout_speed(preset: str, horizons: list[int], steps: int, use_cache: bool,
 
 def vector_env_speed(run: str, num_envs: list[int], steps: int, n_steps: int = 20) -> dict[int, float]:
     """Imagination steps/s (sub-env steps per second) of WorldModelVectorEnv built from a trained run."""
-    from worldflow.wm_env import WorldModelVectorEnv
+    from worldflow.gym_env.env import WorldModelVectorEnv
 
     out = {}
     for n in num_envs:
@@ -181,10 +181,10 @@ def demo_phase_steps(preset: str = "small", min_time: float = 3.0) -> dict[str, 
     ``agent.imag_reuse`` updates. The bf16/fp32 ratio says whether this device runs bf16 natively (well
     under 1) or emulates it (several times 1): what ``bf16: auto`` decides on (worldflow.precision).
     """
+    from worldflow.agent.model import AgentModel, imagine
     from worldflow.dynamics import dynamics_loss
-    from worldflow.imagination import AgentModel, imagine
-    from worldflow.train_agent import bc_losses
-    from worldflow.train_tokenizer import TokenizerTraining
+    from worldflow.train.agent import bc_losses
+    from worldflow.train.tokenizer import TokenizerTraining
 
     cfg = _bench_config(preset)
     space = gym.spaces.Discrete(3)

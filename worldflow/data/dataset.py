@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, RandomSampler
 
-from worldflow.episodes import (
+from worldflow.data.episodes import (
     CorruptEpisodeError,
     EmptyDatasetError,
     Episode,
@@ -53,7 +53,7 @@ from worldflow.episodes import (
     load_manifest,
     read_sidecar,
 )
-from worldflow.video import VideoDecodeError, VideoReader
+from worldflow.data.video import VideoDecodeError, VideoReader
 
 SPLITS = ("train", "heldout", "all")
 
@@ -89,7 +89,7 @@ class ClipDataset(Dataset):
         root: dataset directory (manifest.json + episodes/).
         clip_len: frames per clip L.
         split: ``"train"``, ``"heldout"`` or ``"all"``; held-out episodes are chosen per episode by a
-            seeded hash (:func:`worldflow.episodes.holdout_episodes`), at least one when there are ≥ 2.
+            seeded hash (:func:`worldflow.data.episodes.holdout_episodes`), at least one when there are ≥ 2.
         holdout_fraction: share of episodes held out.
         cross_episode: let clips span consecutive episodes of the split.
         on_corrupt: ``"error"`` raises :class:`CorruptEpisodeError`; ``"skip"`` warns and avoids the file.
@@ -380,7 +380,7 @@ class EpisodeDataset(Dataset):
 
     frames uint8 (T+1, H, W, 3); actions (T, ...) long | float32; rewards float32 (T,); terminated,
     truncated bool (T,); episode int (manifest index). ``load(i)`` returns the numpy
-    :class:`~worldflow.episodes.Episode` instead. Broken files raise :class:`CorruptEpisodeError`.
+    :class:`~worldflow.data.episodes.Episode` instead. Broken files raise :class:`CorruptEpisodeError`.
     """
 
     def __init__(

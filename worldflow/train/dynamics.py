@@ -17,17 +17,17 @@ import gymnasium as gym
 import torch
 
 from worldflow.checkpoint import load_weights
-from worldflow.clips import ClipBank
 from worldflow.config import Config, to_dict, warn_if_window_exceeds_training
+from worldflow.data.clips import ClipBank
 from worldflow.dynamics import DynamicsModel, dynamics_loss
 from worldflow.runs import device_of, phase_checkpoint, phase_config, resolve_config, start_phase
-from worldflow.trainer import Trainer, status_note
+from worldflow.train.trainer import Trainer, status_note
 
 PHASE = "dynamics"
 
 
 def action_space_of(data: str | Path) -> gym.Space:
-    from worldflow.episodes import load_manifest, space_from_dict
+    from worldflow.data.episodes import load_manifest, space_from_dict
 
     return space_from_dict(load_manifest(data)["action_space"])
 
@@ -60,7 +60,7 @@ def encode_frames(tok, frames: torch.Tensor, chunk: int = 256) -> torch.Tensor:
 def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok, progress: bool
                 ) -> ClipBank:
     """The split's episodes as latents, from the cache when the dataset and tokenizer are unchanged."""
-    from worldflow.episodes import load_manifest
+    from worldflow.data.episodes import load_manifest
 
     ckpt = phase_checkpoint(run, "tokenizer")
     key = hashlib.sha1(f"{Path(data).resolve()}|{ckpt.resolve()}|{len(load_manifest(data)['episodes'])}"
@@ -80,9 +80,9 @@ def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok,
 
 def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, progress: bool = True
           ) -> dict[str, Any]:
-    from worldflow.evaluate import RolloutEvaluator, reader_of, with_frames
-    from worldflow.imagination import record_dataset
-    from worldflow.train_tokenizer import load_tokenizer
+    from worldflow.agent.model import record_dataset
+    from worldflow.eval.rollouts import RolloutEvaluator, reader_of, with_frames
+    from worldflow.train.tokenizer import load_tokenizer
 
     device = device_of(cfg)
     tok, tok_cfg = load_tokenizer(run, device)
@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worldflow.cli import add_train_args
+    from worldflow.cli.main import add_train_args
 
     p = sub.add_parser("dynamics", help="train the shortcut-forcing dynamics model",
                        description="Train the dynamics model on latents of the run's trained tokenizer.")

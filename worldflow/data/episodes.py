@@ -233,7 +233,7 @@ def load_episode(
     Raises :class:`CorruptEpisodeError` naming the file when the video is unreadable or its frame count
     differs from the sidecar's, and ``KeyError`` when no episode has that index.
     """
-    from worldflow.video import VideoDecodeError, VideoReader
+    from worldflow.data.video import VideoDecodeError, VideoReader
 
     manifest = manifest or load_manifest(root)
     entry = next((e for e in manifest["episodes"] if e["index"] == index), None)
@@ -280,7 +280,7 @@ class DatasetWriter:
         env_id: environment id recorded in the manifest (must match when appending).
         action_space: gymnasium space or its :func:`space_to_dict` form (must match when appending).
         fps: playback rate stored in the videos and the manifest.
-        lossless: lossless videos (default; see worldflow.video for why).
+        lossless: lossless videos (default; see worldflow.data.video for why).
         meta: extra JSON-serialisable manifest keys (seed, policy, ...); existing ones are kept.
 
     One writer per directory at a time. Each :meth:`add_episode` writes video, sidecar, then the
@@ -342,7 +342,7 @@ class DatasetWriter:
         ``info`` (JSON-serialisable, e.g. ``seed=3``) is stored in the episode's manifest entry.
         Returns that entry.
         """
-        from worldflow.video import write_video
+        from worldflow.data.video import write_video
 
         frames = np.asarray(frames)
         sp = self.manifest["action_space"]

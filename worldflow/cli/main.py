@@ -14,17 +14,17 @@ from worldflow.config import ConfigError
 
 # subcommand -> module exposing add_parser(subparsers) (which sets func=...)
 _COMMANDS = {
-    "collect": "worldflow.collect",
+    "collect": "worldflow.data.collect",
     "train": None,  # has its own sub-subcommands below
-    "eval": "worldflow.evaluate",
-    "rollout": "worldflow.rollout_cli",
-    "demo": "worldflow.demo",
-    "bench": "worldflow.bench",
+    "eval": "worldflow.eval.rollouts",
+    "rollout": "worldflow.cli.rollout",
+    "demo": "worldflow.cli.demo",
+    "bench": "worldflow.cli.bench",
 }
 _TRAIN = {
-    "tokenizer": "worldflow.train_tokenizer",
-    "dynamics": "worldflow.train_dynamics",
-    "agent": "worldflow.train_agent",
+    "tokenizer": "worldflow.train.tokenizer",
+    "dynamics": "worldflow.train.dynamics",
+    "agent": "worldflow.train.agent",
 }
 
 

@@ -269,7 +269,7 @@ class TokenizerLoss(nn.Module):
         self.lpips_rms = RunningRMS(cfg.rms_decay)
         lp = None
         if cfg.lpips_path and cfg.lpips_weight > 0:
-            from worldflow.lpips import load_lpips
+            from worldflow.eval.lpips import load_lpips
 
             lp = load_lpips(cfg.lpips_path)
         # Plain attribute, not a submodule: frozen LPIPS weights stay out of checkpoints and optimisers.

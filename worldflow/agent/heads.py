@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worldflow.agent.distributions import ActionDist, policy_distribution
+from worldflow.agent.twohot import make_bins, twohot_loss, twohot_mean
 from worldflow.config import AgentConfig
-from worldflow.distributions import ActionDist, policy_distribution
 from worldflow.nn import RMSNorm
-from worldflow.twohot import make_bins, twohot_loss, twohot_mean
 
 __all__ = [
     "MLP",
@@ -89,7 +89,8 @@ class AgentHeads(nn.Module):
 
     ``num_tasks > 1`` adds a learned task embedding (zero-init) to h, selected by ``task`` (long, h's
     batch shape); heads then stay task-conditioned even when the backbone is frozen. The two-hot
-    ``bins`` (symlog-space positions, see worldflow.twohot) are a non-persistent buffer rebuilt from cfg.
+    ``bins`` (symlog-space positions, see worldflow.agent.twohot) are a non-persistent buffer rebuilt
+    from cfg.
     """
 
     def __init__(self, in_dim: int, action_space: gym.Space, cfg: AgentConfig, num_tasks: int = 1):
@@ -196,7 +197,7 @@ def bc_mtp_loss(
     L_BC  = Σ_{n=0..L} mean_{(b,t): t+n < T, m^a_{b,t+n}} [ −log π_n(a_{b,t+n} | h_{b,t}) ]
     L_rew = Σ_{n=0..L} mean_{(b,t): t+n < T, m^r_{b,t+n}} [ CE(twohot(r_{b,t+n}), softmax(ρ_n(h_{b,t}))) ]
 
-    h (B, T, in); actions (B, T, *E) as action tensors (see worldflow.distributions; values at masked
+    h (B, T, in); actions (B, T, *E) as action tensors (see worldflow.agent.distributions; values at masked
     positions are ignored, may be anything, even NaN); action_mask (B, T) bool, False = action missing;
     rewards (B, T) = reward targets aligned with h (see the module docstring); reward_mask (B, T) bool,
     default all valid. L defaults to heads.L. A term with no valid pair contributes 0.

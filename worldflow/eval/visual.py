@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldflow.video import tile_videos, write_mp4_and_gif
+from worldflow.data.video import tile_videos, write_mp4_and_gif
 
 
 def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 from worldflow import distributed, precision
 from worldflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from worldflow.config import TrainConfig
-from worldflow.runlog import RunLogger
+from worldflow.train.runlog import RunLogger
 
 # trainer phase -> the config section that holds its TrainConfig (named in warnings and capped-phase notes)
 SECTIONS = {"tokenizer": "train_tokenizer", "dynamics": "train_dynamics", "agent_bc": "train_bc",

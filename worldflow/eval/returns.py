@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from worldflow.agent.model import AgentModel, features, load_agent_model, policy_to_dynamics
 from worldflow.dynamics import RolloutStream
-from worldflow.imagination import AgentModel, features, load_agent_model, policy_to_dynamics
 
 
 class WorldModelAgent:
@@ -98,7 +98,7 @@ def policy_returns(run, env_id: str, episodes: int, phase: str | None, sample: b
                    progress: bool = True, record: bool = False) -> dict[str, Any]:
     """Real-env returns of a run's policy (phase 'agent' or 'agent_bc')."""
     from worldflow.runs import device_of
-    from worldflow.train_tokenizer import load_tokenizer
+    from worldflow.train.tokenizer import load_tokenizer
 
     model, cfg, ph = load_agent_model(run, phase)
     device = device_of(cfg)
@@ -135,7 +135,7 @@ def baseline_returns(env_id: str, size: int, episodes: int, kind: str, seed: int
 
 def collect_with_policy(run, env_id: str, data, episodes: int, seed: int, progress: bool = True) -> None:
     """Online loop: play ``episodes`` with the run's current policy and append them to the dataset."""
-    from worldflow.episodes import DatasetWriter, load_manifest, space_from_dict
+    from worldflow.data.episodes import DatasetWriter, load_manifest, space_from_dict
 
     m = load_manifest(data)
     res = policy_returns(run, env_id, episodes, None, True, seed, progress, record=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from worldflow.agent import (
+from worldflow.agent.heads import (
     bc_mtp_loss,
     continue_loss,
     frozen_prior,
@@ -23,11 +23,7 @@ from worldflow.agent import (
     pmpo_policy_loss,
     value_loss,
 )
-from worldflow.checkpoint import load_weights
-from worldflow.clips import ClipBank
-from worldflow.config import Config, to_dict
-from worldflow.dynamics import dynamics_loss
-from worldflow.imagination import (
+from worldflow.agent.model import (
     AgentModel,
     dataset_to_policy,
     imagine,
@@ -35,14 +31,18 @@ from worldflow.imagination import (
     record_dataset,
     run_action_space,
 )
+from worldflow.agent.twohot import twohot_mean
+from worldflow.checkpoint import load_weights
+from worldflow.config import Config, to_dict
+from worldflow.data.clips import ClipBank
+from worldflow.dynamics import dynamics_loss
 from worldflow.runs import device_of, phase_checkpoint, resolve_config, start_phase
-from worldflow.trainer import Trainer, status_note
-from worldflow.twohot import twohot_mean
+from worldflow.train.trainer import Trainer, status_note
 
 
 def _banks(run, data, cfg: Config, device, progress: bool) -> ClipBank:
-    from worldflow.train_dynamics import latent_bank
-    from worldflow.train_tokenizer import load_tokenizer
+    from worldflow.train.dynamics import latent_bank
+    from worldflow.train.tokenizer import load_tokenizer
 
     tok, _ = load_tokenizer(run, device)
     return latent_bank(run, data, cfg, "train", tok, progress)
@@ -84,7 +84,7 @@ def phase2_weighted(model: AgentModel, raw: dict[str, torch.Tensor], norm: bool)
 
 def train_bc(cfg: Config, data, run, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Phase 2: start from the trained dynamics model, add heads, train BC + reward + dynamics."""
-    from worldflow.train_dynamics import PHASE as DYN
+    from worldflow.train.dynamics import PHASE as DYN
 
     device = device_of(cfg)
     start_phase(run, "agent_bc", cfg)
@@ -164,8 +164,9 @@ def online_loop(cfg: Config, data, run, env_id: str, progress: bool = True) -> l
     Each iteration raises every phase's step budget by the configured amount and resumes from its latest
     checkpoint, so the models keep learning on the growing dataset.
     """
-    from worldflow import train_dynamics, train_tokenizer
-    from worldflow.agent_eval import collect_with_policy
+    from worldflow.eval.returns import collect_with_policy
+    from worldflow.train import dynamics as train_dynamics
+    from worldflow.train import tokenizer as train_tokenizer
 
     on = cfg.online
     history = []
@@ -201,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worldflow.cli import add_train_args
+    from worldflow.cli.main import add_train_args
 
     p = sub.add_parser("agent", help="train the agent: behaviour cloning, then RL in imagination",
                        description=__doc__)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 
 def main(args: argparse.Namespace) -> int:
-    from worldflow.evaluate import RolloutEvaluator, with_frames
+    from worldflow.eval.rollouts import RolloutEvaluator, with_frames
     from worldflow.runs import device_of, phase_config
-    from worldflow.train_dynamics import action_space_of, latent_bank, load_dynamics
-    from worldflow.train_tokenizer import load_tokenizer
+    from worldflow.train.dynamics import action_space_of, latent_bank, load_dynamics
+    from worldflow.train.tokenizer import load_tokenizer
 
     cfg = phase_config(args.run, "dynamics")
     device = device_of(cfg)

@@ -1,0 +1,146 @@
+"""Autoregressive generation one frame at a time: :class:`RolloutStream` and :func:`rollout`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from worldflow import flow, rng
+from worldflow.dynamics.actions import Actions, cat_actions, shift_actions, tree_map
+from worldflow.dynamics.model import DynamicsModel
+
+# ---------------------------------------------------------------------------------------------------
+# Rollout
+
+
+class RolloutStream:
+    """Autoregressive generation one frame at a time, with a bounded KV cache (or full recompute).
+
+    ``observe`` commits given frames as context; ``imagine`` generates the next frame in K x-space Euler
+    steps (``commit=False`` passes over the cache) and then commits it. A committed frame is fed at the
+    context level τ_ctx = ``context_signal`` snapped to the K_max grid, corrupted with fresh noise and
+    labelled (τ_ctx, d_min) — a label the model saw in training (flow rows). With ``cfg.context_noise``
+    False the clean latents are fed, labelled τ = 1 − 1/K_max: the highest level on the training grid (τ = 1
+    itself never occurs in training, so its embedding would be untrained).
+
+    With ``use_cache=False`` every pass recomputes the whole committed history with the same window (the
+    reference the cached path must match; memory grows with the rollout).
+    """
+
+    def __init__(
+        self,
+        model: DynamicsModel,
+        batch: int,
+        task: Tensor | None = None,
+        context_signal: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ):
+        cfg = model.cfg
+        self.model, self.batch, self.task, self.generator = model, batch, task, generator
+        signal = cfg.context_signal if context_signal is None else context_signal
+        self.noisy = cfg.context_noise
+        self.tau_ctx = flow.snap_tau(signal, cfg.k_max) if self.noisy else 1.0 - 1.0 / cfg.k_max
+        self.d_ctx = 1.0 / cfg.k_max
+        self.cache = model.new_cache(batch) if use_cache else None
+        self.history: list[tuple[Tensor, Tensor, Tensor, Actions, Tensor | None]] = []
+        self.t = 0  # absolute index of the next frame
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.head.weight.device
+
+    def noise(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        """N(0, I) noise of ``shape`` (B, ...) for corrupting and sampling (subclasses may draw per row)."""
+        return rng.randn(shape, self.generator, self.device, dtype)
+
+    def _per_frame(self, value: float, frames: int) -> Tensor:
+        return torch.full((self.batch, frames), value, device=self.device)
+
+    def _run(self, z: Tensor, tau: Tensor, d: Tensor, acts: Actions, mask: Tensor | None, commit: bool):
+        """Model outputs (x̂, agent) for the new frames z (B, T', N, D) after everything committed so far."""
+        if self.cache is not None:
+            return self.model(z, tau, d, acts, mask, self.task, self.cache, self.t, commit)
+        new = (z, tau, d, acts, mask)
+        seq = self.history + [new]
+        cat = lambda i: torch.cat([h[i] for h in seq], dim=1)
+        all_acts = None if acts is None else cat_actions([h[3] for h in seq])
+        all_mask = None if acts is None else cat(4)
+        x, agent = self.model(cat(0), cat(1), cat(2), all_acts, all_mask, self.task)
+        if commit:
+            self.history.append(new)
+        n = z.shape[1]
+        return x[:, -n:], agent[:, -n:]
+
+    def observe(self, latents: Tensor, actions: Actions = None, action_mask: Tensor | None = None) -> Tensor:
+        """Commit clean latents (B, T', N, D) as context; actions frame-aligned (B, T', ...) or None.
+
+        Returns the agent-token outputs (B, T', A, width) of the committed frames.
+        """
+        n = latents.shape[1]
+        tau = self._per_frame(self.tau_ctx, n)
+        if self.noisy:
+            latents = flow.corrupt(latents, self.noise(latents.shape, latents.dtype), tau)
+        if actions is not None and action_mask is None:
+            action_mask = torch.ones(self.batch, n, dtype=torch.bool, device=self.device)
+        _, agent = self._run(latents, tau, self._per_frame(self.d_ctx, n), actions, action_mask, commit=True)
+        self.t += n
+        return agent
+
+    def imagine(self, steps: int, actions: Actions = None, action_mask: Tensor | None = None):
+        """Generate and commit the next frame; actions frame-aligned (B, 1, ...) (the action leading to it).
+
+        Returns (latents (B, 1, N, D), agent-token outputs (B, 1, A, width) of its commit pass).
+        """
+        m = self.model
+        shape = (self.batch, 1, m.latent_tokens, m.latent_dim)
+        if actions is not None and action_mask is None:
+            action_mask = torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
+
+        def fn(z, tau, d):
+            return self._run(z, tau, d, actions, action_mask, commit=False)[0]
+
+        fn = flow.as_x_prediction(fn, flow.prediction_of(m.cfg.objective))
+        z = flow.denoise(fn, self.noise(shape), steps, m.cfg.k_max)
+        return z, self.observe(z, actions, action_mask)
+
+
+@torch.no_grad()
+def rollout(
+    model: DynamicsModel,
+    context_latents: Tensor,
+    actions: Actions,
+    horizon: int,
+    steps: int | None = None,
+    context_signal: float | None = None,
+    generator: torch.Generator | None = None,
+    action_mask: Tensor | None = None,
+    task: Tensor | None = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Generate ``horizon`` frames after C context frames; returns latents (B, H, N, D).
+
+    context_latents (B, C, N, D) (C may be 0); actions **dataset-aligned** (B, C+H, ...) or None: action t is
+    taken at frame t, so generated frame C+h is conditioned on action C+h−1 (the last action is unused);
+    action_mask (B, C+H) or None. steps K (default ``cfg.steps``) is a power of two ≤ K_max; context level
+    as in :class:`RolloutStream`. ``use_cache=False`` is the full-recompute reference path.
+    """
+    cfg = model.cfg
+    steps = cfg.steps if steps is None else steps
+    flow.check_steps(steps, cfg.k_max)
+    b, c = context_latents.shape[:2]
+    stream = RolloutStream(model, b, task, context_signal, generator, use_cache)
+    prev_actions, prev_mask = shift_actions(actions, action_mask)
+    frame_actions = lambda lo, hi: (
+        tree_map(lambda a: a[:, lo:hi], prev_actions),
+        None if prev_mask is None else prev_mask[:, lo:hi],
+    )
+    if c:
+        stream.observe(context_latents, *frame_actions(0, c))
+    out = []
+    for h in range(horizon):
+        z, _ = stream.imagine(steps, *frame_actions(c + h, c + h + 1))
+        out.append(z)
+    if not out:
+        return context_latents.new_zeros(b, 0, *context_latents.shape[2:])
+    return torch.cat(out, dim=1)
