@@ -2,7 +2,7 @@
 reproduce a single-process run, and their checkpoints are single-process checkpoints.
 
 Unit tests of the row split run in-process; the end-to-end test launches
-``python -m torch.distributed.run --nproc_per_node=2 --standalone -m worldflow.cli.main -- train dynamics``.
+``python -m torch.distributed.run --nproc_per_node=2 --standalone -m worldflow.cli.app -- train dynamics``.
 """
 
 from __future__ import annotations
@@ -131,9 +131,10 @@ def test_torchrun_two_processes_match_one(tiny_data, tiny_cfg, tmp_path):
     checkpointing (a sharded run restoring a DDP checkpoint), and its final checkpoint loads strictly into
     a plain single-process model and equals the single-process weights.
     """
+    from worldflow.dynamics.model import build_dynamics
+    from worldflow.run import action_space_of
     from worldflow.train import dynamics as train_dynamics
     from worldflow.train import tokenizer as train_tokenizer
-    from worldflow.train.dynamics import action_space_of, build_dynamics
 
     base = tmp_path / "tok"
     train_tokenizer.train(tiny_cfg("train_tokenizer.steps=2", "train_tokenizer.eval_every=0"), tiny_data,

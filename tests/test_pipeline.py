@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from worldflow.cli.main import main
+from worldflow.cli.app import main
 
 
 def test_run_has_all_phases(tiny_run):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from worldflow.cli.main import main
+from worldflow.cli.app import main
 
 # 40 steps, a checkpoint every 5: the kill lands after step 10, mid-schedule (warm-up 5, cosine to 40), with
 # at least 30 steps (~1 s) of margin before the run would end on its own.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from worldflow.config import load_config
-from worldflow.eval.lpips import LPIPSVGG, load_lpips
+from worldflow.tokenizer.lpips import LPIPSVGG, load_lpips
 from worldflow.tokenizer.model import CausalTokenizer, RunningRMS, TokenizerLoss
 
 SIZE = 16

@@ -30,11 +30,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from worldflow.config import Config
 
 # ---------------------------------------------------------------------------------------------------
 # Process group and rank helpers
@@ -445,3 +448,10 @@ def load_full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, stat
     set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
     for group, saved in zip(opt.param_groups, state["param_groups"]):  # options exactly as saved (tuples
         group.update({k: v for k, v in saved.items() if k != "params"})  # stay tuples), as load_state_dict
+
+
+def device_of(cfg: Config) -> torch.device:
+    """The configured device (CPU when CUDA is absent); under torchrun ``cuda`` means ``cuda:LOCAL_RANK``."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return device_for(cfg.device)

@@ -9,9 +9,7 @@ which enters the tokens of frame t+1; reward and continue of that transition are
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -42,7 +40,7 @@ class AgentModel(nn.Module):
 
     def __init__(self, cfg: Config, action_space: gym.Space):
         super().__init__()
-        from worldflow.train.dynamics import build_dynamics
+        from worldflow.dynamics.model import build_dynamics
 
         self.dynamics = build_dynamics(cfg, action_space)
         self.heads = AgentHeads(feature_dim(cfg), action_space, cfg.agent, num_tasks=cfg.dynamics.num_tasks)
@@ -137,50 +135,12 @@ def dataset_to_policy(heads: AgentHeads, actions: Tensor) -> Tensor:
     return actions.float()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loading a trained world model from a run directory
-
-AGENT_PHASES = ("agent", "agent_bc")  # imagination-trained first, then behaviour cloning only
 
 
-def record_dataset(run: str | Path, data: str | Path) -> None:
-    """Remember the dataset a run was trained on (env id, action space), for envs built from the run."""
-    from worldflow.data.episodes import load_manifest
-    from worldflow.io import atomic_write_text
-
-    m = load_manifest(data)
-    info = {"data": str(Path(data).resolve()), "env_id": m.get("env_id"), "action_space": m["action_space"],
-            "frame_size": m.get("frame_size")}
-    atomic_write_text(Path(run) / "dataset.json", json.dumps(info, indent=2))
 
 
-def run_dataset(run: str | Path) -> dict[str, Any]:
-    p = Path(run) / "dataset.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{p} is missing: {run} is not a trained worldflow run directory")
-    return json.loads(p.read_text())
 
 
-def run_action_space(run: str | Path) -> gym.Space:
-    from worldflow.data.episodes import space_from_dict
-
-    return space_from_dict(run_dataset(run)["action_space"])
 
 
-def load_agent_model(run: str | Path, phase: str | None = None, device: torch.device | str = "cpu"
-                     ) -> tuple[AgentModel, Config, str]:
-    """The agent model of a run: phase 'agent' (imagination) if present, else 'agent_bc'."""
-    from worldflow.checkpoint import CheckpointError, latest_checkpoint, load_weights
-    from worldflow.runs import phase_config
 
-    phases = [phase] if phase else list(AGENT_PHASES)
-    for ph in phases:
-        d = latest_checkpoint(Path(run) / ph / "checkpoints")
-        if d is None:
-            continue
-        cfg = phase_config(run, ph)
-        model = AgentModel(cfg, run_action_space(run))
-        load_weights(model, d)
-        return model.to(device).eval().requires_grad_(False), cfg, ph
-    raise CheckpointError(f"run {run} has no agent checkpoint ({' or '.join(phases)}): "
-                          f"run `worldflow train agent --run {run} ...` first")

@@ -2,6 +2,6 @@
 
 import sys
 
-from worldflow.cli.main import main
+from worldflow.cli import main
 
 sys.exit(main())

@@ -79,7 +79,7 @@ def _bench_config(preset: str) -> Config:
 
 def tokenizer_throughput(preset: str, batch: int, frames: int, min_time: float) -> dict[str, float]:
     """One AdamW training step of the tokenizer on random frames: tokens/s and FLOP/s."""
-    from worldflow.train.tokenizer import TokenizerTraining
+    from worldflow.tokenizer.model import TokenizerTraining
 
     cfg = _bench_config(preset)
     model = TokenizerTraining(cfg)
@@ -100,7 +100,7 @@ def tokenizer_throughput(preset: str, batch: int, frames: int, min_time: float) 
 def dynamics_throughput(preset: str, batch: int, frames: int, min_time: float) -> dict[str, float]:
     """One AdamW training step of the dynamics model (shortcut forcing) on random latents."""
     from worldflow.dynamics import dynamics_loss
-    from worldflow.train.dynamics import build_dynamics
+    from worldflow.dynamics.model import build_dynamics
 
     cfg = _bench_config(preset)
     space = gym.spaces.Discrete(3)
@@ -140,7 +140,7 @@ def rollout_speed(preset: str, horizons: list[int], steps: int, use_cache: bool,
                   ) -> dict[int, float]:
     """Frames/s of an autoregressive rollout of ``h`` frames (after 1 context frame) for each horizon."""
     from worldflow.dynamics import rollout
-    from worldflow.train.dynamics import build_dynamics
+    from worldflow.dynamics.model import build_dynamics
 
     cfg = _bench_config(preset)
     model = build_dynamics(cfg, gym.spaces.Discrete(3)).eval()
@@ -183,8 +183,8 @@ def demo_phase_steps(preset: str = "small", min_time: float = 3.0) -> dict[str, 
     """
     from worldflow.agent.model import AgentModel, imagine
     from worldflow.dynamics import dynamics_loss
+    from worldflow.tokenizer.model import TokenizerTraining
     from worldflow.train.agent import bc_losses
-    from worldflow.train.tokenizer import TokenizerTraining
 
     cfg = _bench_config(preset)
     space = gym.spaces.Discrete(3)

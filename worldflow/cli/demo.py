@@ -117,7 +117,7 @@ def _print_summary(s: dict, run: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from worldflow.runs import resolve_config
+    from worldflow.cli.app import resolve_config
 
     cfg = resolve_config(args)
     run = Path(args.run)
@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worldflow.cli.main import add_config_args
+    from worldflow.cli.app import add_config_args
 
     p = sub.add_parser("demo", help="run the whole pipeline on Catch (collect, train, evaluate)",
                        description=__doc__)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 
 def main(args: argparse.Namespace) -> int:
+    from worldflow.distributed import device_of
     from worldflow.eval.rollouts import RolloutEvaluator, with_frames
-    from worldflow.runs import device_of, phase_config
-    from worldflow.train.dynamics import action_space_of, latent_bank, load_dynamics
-    from worldflow.train.tokenizer import load_tokenizer
+    from worldflow.run import action_space_of, latent_bank, load_dynamics, load_tokenizer, phase_config
 
     cfg = phase_config(args.run, "dynamics")
     device = device_of(cfg)

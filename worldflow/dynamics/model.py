@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from worldflow import flow
-from worldflow.config import DynamicsConfig
+from worldflow.config import Config, DynamicsConfig
 from worldflow.dynamics.actions import ActionEncoder, Actions, init_small
 from worldflow.nn import KVCache, SpaceTimeTransformer
 
@@ -140,3 +140,8 @@ class DynamicsModel(nn.Module):
     def new_cache(self, batch: int) -> KVCache:
         """A bounded KV cache holding the last ``cfg.context − 1`` frames (constant memory)."""
         return self.backbone.new_cache(batch, self.cfg.context)
+
+
+def build_dynamics(cfg: Config, action_space: gym.Space) -> DynamicsModel:
+    return DynamicsModel(cfg.dynamics, latent_tokens=cfg.tokenizer.latent_tokens,
+                         latent_dim=cfg.tokenizer.latent_dim, action_space=action_space)

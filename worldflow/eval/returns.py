@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from worldflow.agent.model import AgentModel, features, load_agent_model, policy_to_dynamics
+from worldflow.agent.model import AgentModel, features, policy_to_dynamics
 from worldflow.dynamics import RolloutStream
+from worldflow.run import load_agent_model
 
 
 class WorldModelAgent:
@@ -97,8 +98,8 @@ def run_episodes(env_id: str, size: int, episodes: int, act_fn, seed: int, progr
 def policy_returns(run, env_id: str, episodes: int, phase: str | None, sample: bool, seed: int,
                    progress: bool = True, record: bool = False) -> dict[str, Any]:
     """Real-env returns of a run's policy (phase 'agent' or 'agent_bc')."""
-    from worldflow.runs import device_of
-    from worldflow.train.tokenizer import load_tokenizer
+    from worldflow.distributed import device_of
+    from worldflow.run import load_tokenizer
 
     model, cfg, ph = load_agent_model(run, phase)
     device = device_of(cfg)

@@ -136,9 +136,8 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
                       steps_sweep: list[int] | None, clips: int, out_dir: Path, progress: bool = True
                       ) -> dict[str, Any]:
     """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model."""
-    from worldflow.runs import device_of, phase_config
-    from worldflow.train.dynamics import action_space_of, latent_bank, load_dynamics
-    from worldflow.train.tokenizer import load_tokenizer
+    from worldflow.distributed import device_of
+    from worldflow.run import action_space_of, latent_bank, load_dynamics, load_tokenizer, phase_config
 
     cfg = phase_config(run, "dynamics")
     device = device_of(cfg)
@@ -211,8 +210,9 @@ def _plots(res: dict[str, Any], out_dir: Path) -> None:
 
 def evaluate_tokenizer_run(run: str | Path, data: str | Path, clips: int, progress: bool = True
                            ) -> dict[str, Any]:
-    from worldflow.runs import device_of
-    from worldflow.train.tokenizer import evaluate_tokenizer, load_tokenizer
+    from worldflow.distributed import device_of
+    from worldflow.eval.reconstruction import evaluate_tokenizer
+    from worldflow.run import load_tokenizer
 
     tok, cfg = load_tokenizer(run, "cpu")
     device = device_of(cfg)
@@ -237,7 +237,7 @@ def evaluate_agent_run(run: str | Path, env_id: str, episodes: int, seed: int = 
     """
     from worldflow.checkpoint import latest_checkpoint
     from worldflow.eval.returns import baseline_returns, policy_returns
-    from worldflow.runs import phase_config
+    from worldflow.run import phase_config
 
     cfg = phase_config(run, "agent_bc")
     res: dict[str, Any] = {"env": env_id, "episodes": episodes, "seed": seed}

@@ -60,10 +60,11 @@ from torch import Tensor
 
 from worldflow import flow, rng
 from worldflow.agent.distributions import check_action
-from worldflow.agent.model import AGENT_PHASES, features, load_agent_model, run_action_space, run_dataset
+from worldflow.agent.model import features
 from worldflow.config import Config
 from worldflow.dynamics import DynamicsModel, RolloutStream, shift_actions
 from worldflow.nn import KVCache
+from worldflow.run import AGENT_PHASES, load_agent_model, run_action_space, run_dataset
 from worldflow.tokenizer.model import CausalTokenizer
 
 __all__ = [
@@ -108,8 +109,7 @@ def load_world_model(run: str | Path, phase: str | None = None, device: torch.de
     """Tokenizer + dynamics + heads of a run. ``phase``: None (agent, else agent_bc, else dynamics only,
     with a warning), 'agent', 'agent_bc' or 'dynamics' (no heads)."""
     from worldflow.checkpoint import CheckpointError
-    from worldflow.train.dynamics import load_dynamics
-    from worldflow.train.tokenizer import load_tokenizer
+    from worldflow.run import load_dynamics, load_tokenizer
 
     tok, _ = load_tokenizer(run, device)
     space = run_action_space(run)
@@ -206,7 +206,7 @@ class ContextBank:
     def load(cls, run: str | Path, split: str, context: int, tok: CausalTokenizer, cfg: Config
              ) -> ContextBank:
         """The split's latents cached by ``train dynamics``; (re)encoded if the dataset is still present."""
-        from worldflow.train.dynamics import latent_bank
+        from worldflow.run import latent_bank
 
         data = run_dataset(run).get("data")
         if data and Path(data).exists():  # validates the cache key against dataset + tokenizer

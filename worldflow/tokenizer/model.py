@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from worldflow import rng
-from worldflow.config import TokenizerConfig
+from worldflow.config import Config, TokenizerConfig
 from worldflow.distributed import rows_of
 from worldflow.nn import KVCache, SpaceTimeTransformer
 
@@ -269,7 +269,7 @@ class TokenizerLoss(nn.Module):
         self.lpips_rms = RunningRMS(cfg.rms_decay)
         lp = None
         if cfg.lpips_path and cfg.lpips_weight > 0:
-            from worldflow.eval.lpips import load_lpips
+            from worldflow.tokenizer.lpips import load_lpips
 
             lp = load_lpips(cfg.lpips_path)
         # Plain attribute, not a submodule: frozen LPIPS weights stay out of checkpoints and optimisers.
@@ -294,3 +294,17 @@ class TokenizerLoss(nn.Module):
             loss = loss + self.lpips_weight * dist / (lp_rms + self.eps)
             terms.update(lpips=dist.detach(), lpips_rms=lp_rms)
         return loss, terms
+
+
+class TokenizerTraining(torch.nn.Module):
+    """The tokenizer plus its loss, trained and checkpointed together (the loss keeps running-RMS buffers
+    that an exact resume must restore)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.tokenizer = CausalTokenizer(cfg.tokenizer, image_size=cfg.data.size)
+        self.loss = TokenizerLoss(cfg.tokenizer)
+
+    def forward(self, frames: torch.Tensor, gen: torch.Generator | None = None):
+        out = self.tokenizer(frames, mask=True, generator=gen)
+        return self.loss(out["recon"], frames)

@@ -10,7 +10,6 @@ Phases write ``<run>/agent_bc`` and ``<run>/agent``; each checkpoint holds dynam
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
@@ -23,26 +22,19 @@ from worldflow.agent.heads import (
     pmpo_policy_loss,
     value_loss,
 )
-from worldflow.agent.model import (
-    AgentModel,
-    dataset_to_policy,
-    imagine,
-    load_agent_model,
-    record_dataset,
-    run_action_space,
-)
+from worldflow.agent.model import AgentModel, dataset_to_policy, imagine
 from worldflow.agent.twohot import twohot_mean
 from worldflow.checkpoint import load_weights
 from worldflow.config import Config, to_dict
 from worldflow.data.clips import ClipBank
+from worldflow.distributed import device_of
 from worldflow.dynamics import dynamics_loss
-from worldflow.runs import device_of, phase_checkpoint, resolve_config, start_phase
-from worldflow.train.trainer import Trainer, status_note
+from worldflow.run import load_agent_model, phase_checkpoint, record_dataset, run_action_space, start_phase
+from worldflow.train.trainer import Trainer
 
 
 def _banks(run, data, cfg: Config, device, progress: bool) -> ClipBank:
-    from worldflow.train.dynamics import latent_bank
-    from worldflow.train.tokenizer import load_tokenizer
+    from worldflow.run import latent_bank, load_tokenizer
 
     tok, _ = load_tokenizer(run, device)
     return latent_bank(run, data, cfg, "train", tok, progress)
@@ -183,32 +175,5 @@ def online_loop(cfg: Config, data, run, env_id: str, progress: bool = True) -> l
     return history
 
 
-def main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
-    if args.online:
-        if not args.env:
-            raise SystemExit("worldflow train agent --online needs --env ID")
-        online_loop(cfg, args.data, args.run, args.env, progress=not args.no_progress)
-        return 0
-    if args.phase in ("bc", "all"):
-        s = train_bc(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
-        print(f"agent_bc: step {s['step']}, {s['minutes']:.1f} min, loss {s['train'].get('loss', 0):.4f}"
-              f"{status_note(s)}")
-    if args.phase in ("imagine", "all"):
-        s = train_imagination(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
-        print(f"agent: step {s['step']}, {s['minutes']:.1f} min, imagined return "
-              f"{s['train'].get('imagined_return', float('nan')):.3f}{status_note(s)}")
-    return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from worldflow.cli.main import add_train_args
-
-    p = sub.add_parser("agent", help="train the agent: behaviour cloning, then RL in imagination",
-                       description=__doc__)
-    add_train_args(p, "run directory with a trained tokenizer and dynamics model")
-    p.add_argument("--phase", choices=("bc", "imagine", "all"), default="all",
-                   help="bc: phase 2 only; imagine: phase 3 only (needs bc); all: both (default)")
-    p.add_argument("--online", action="store_true", help="Dreamer-style loop with a real env (needs --env)")
-    p.add_argument("--env", help="gymnasium env id for --online")
-    p.set_defaults(func=main)

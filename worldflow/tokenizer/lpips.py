@@ -107,7 +107,7 @@ def load_lpips(path: str | Path) -> nn.Module:
         raise FileNotFoundError(
             f"LPIPS weights not found at '{p}' (tokenizer.lpips_path). Nothing is downloaded at run time: "
             "put a local TorchScript LPIPS module or an lpips-layout VGG state dict there, or set "
-            "tokenizer.lpips_path='' to train without the LPIPS term. See worldflow/eval/lpips.py."
+            "tokenizer.lpips_path='' to train without the LPIPS term. See worldflow/tokenizer/lpips.py."
         )
     module: nn.Module
     if p.suffix == ".safetensors":

@@ -10,21 +10,16 @@ import argparse
 import importlib
 import sys
 
-from worldflow.config import ConfigError
+from worldflow.config import Config, ConfigError, load_config
 
 # subcommand -> module exposing add_parser(subparsers) (which sets func=...)
 _COMMANDS = {
     "collect": "worldflow.data.collect",
-    "train": None,  # has its own sub-subcommands below
+    "train": "worldflow.cli.train",
     "eval": "worldflow.eval.rollouts",
     "rollout": "worldflow.cli.rollout",
     "demo": "worldflow.cli.demo",
     "bench": "worldflow.cli.bench",
-}
-_TRAIN = {
-    "tokenizer": "worldflow.train.tokenizer",
-    "dynamics": "worldflow.train.dynamics",
-    "agent": "worldflow.train.agent",
 }
 
 
@@ -58,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldflow", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in _COMMANDS.items():
-        if module is not None:
-            _add_module(sub, name, module)
-            continue
-        tp = sub.add_parser("train", help="train the tokenizer, the dynamics model or the agent")
-        tsub = tp.add_subparsers(dest="what", required=True, metavar="WHAT")
-        for tname, tmodule in _TRAIN.items():
-            _add_module(tsub, tname, tmodule)
+        _add_module(sub, name, module)
     return parser
 
 
@@ -84,3 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, list(args.overrides))

@@ -1,0 +1,217 @@
+"""A run directory and everything trained in it: :class:`Run`.
+
+::
+
+    <run>/config.json                      resolved config of the latest command (each phase also keeps
+    <run>/dataset.json                     the dataset the run was trained on (path, env id, action space)
+    <run>/<phase>/config.json              its own copy, and every checkpoint's meta.json has it)
+    <run>/<phase>/checkpoints/...          see worldflow.checkpoint
+    <run>/<phase>/metrics.jsonl, tb/       logs
+    <run>/<phase>/media/                   reconstructions, rollout videos, plots
+
+Phases: ``tokenizer``, ``dynamics``, ``agent_bc`` (behaviour cloning), ``agent`` (RL in imagination).
+Evaluation, rollout, the gymnasium env and the demo load trained pieces through :class:`Run`; the
+training phases write them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+
+from worldflow.agent.model import AgentModel
+from worldflow.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_meta
+from worldflow.config import Config, from_dict, save_config
+from worldflow.data.clips import ClipBank
+from worldflow.dynamics.model import DynamicsModel, build_dynamics
+from worldflow.tokenizer.model import CausalTokenizer, TokenizerTraining
+
+TOKENIZER, DYNAMICS, AGENT_BC, AGENT = "tokenizer", "dynamics", "agent_bc", "agent"  # phase directories
+AGENT_PHASES = (AGENT, AGENT_BC)  # imagination-trained first, then behaviour cloning only
+
+
+def start_phase(run: str | Path, phase: str, cfg: Config) -> Path:
+    """Create ``<run>/<phase>`` and save the resolved config there and at the run root."""
+    d = Path(run) / phase
+    (d / "media").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(run) / "config.json")
+    save_config(cfg, d / "config.json")
+    return d
+
+
+def phase_checkpoint(run: str | Path, phase: str) -> Path:
+    """Latest checkpoint directory of a phase, or a clear error saying which command makes it."""
+    d = latest_checkpoint(Path(run) / phase / "checkpoints")
+    if d is None:
+        raise CheckpointError(f"run {run} has no {phase} checkpoint: run `worldflow train {phase} "
+                              f"--run {run} ...` first")
+    return d
+
+
+def phase_config(run: str | Path, phase: str) -> Config:
+    """The config a phase's latest checkpoint was trained with."""
+    return from_dict(read_meta(phase_checkpoint(run, phase))["config"])
+
+
+def record_dataset(run: str | Path, data: str | Path) -> None:
+    """Remember the dataset a run was trained on (env id, action space), for envs built from the run."""
+    from worldflow.data.episodes import load_manifest
+    from worldflow.io import atomic_write_text
+
+    m = load_manifest(data)
+    info = {"data": str(Path(data).resolve()), "env_id": m.get("env_id"), "action_space": m["action_space"],
+            "frame_size": m.get("frame_size")}
+    atomic_write_text(Path(run) / "dataset.json", json.dumps(info, indent=2))
+
+
+def run_dataset(run: str | Path) -> dict[str, Any]:
+    """The run's ``dataset.json``: the dataset path, env id, action space and frame size it was trained on."""
+    p = Path(run) / "dataset.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing: {run} is not a trained worldflow run directory")
+    return json.loads(p.read_text())
+
+
+def run_action_space(run: str | Path) -> gym.Space:
+    """The action space of the dataset the run was trained on."""
+    from worldflow.data.episodes import space_from_dict
+
+    return space_from_dict(run_dataset(run)["action_space"])
+
+
+def load_agent_model(run: str | Path, phase: str | None = None, device: torch.device | str = "cpu"
+                     ) -> tuple[AgentModel, Config, str]:
+    """The agent model of a run: phase 'agent' (imagination) if present, else 'agent_bc'."""
+    phases = [phase] if phase else list(AGENT_PHASES)
+    for ph in phases:
+        d = latest_checkpoint(Path(run) / ph / "checkpoints")
+        if d is None:
+            continue
+        cfg = phase_config(run, ph)
+        model = AgentModel(cfg, run_action_space(run))
+        load_weights(model, d)
+        return model.to(device).eval().requires_grad_(False), cfg, ph
+    raise CheckpointError(f"run {run} has no agent checkpoint ({' or '.join(phases)}): "
+                          f"run `worldflow train agent --run {run} ...` first")
+
+
+def load_tokenizer(run: str | Path, device: torch.device | str = "cpu") -> tuple[CausalTokenizer, Config]:
+    """The trained tokenizer of a run (eval mode, frozen) and the config it was trained with."""
+    cfg = phase_config(run, TOKENIZER)
+    wrap = TokenizerTraining(cfg)
+    load_weights(wrap, phase_checkpoint(run, TOKENIZER))
+    tok = wrap.tokenizer.to(device).eval().requires_grad_(False)
+    return tok, cfg
+
+
+def action_space_of(data: str | Path) -> gym.Space:
+    """The action space recorded in a dataset's manifest."""
+    from worldflow.data.episodes import load_manifest, space_from_dict
+
+    return space_from_dict(load_manifest(data)["action_space"])
+
+
+def load_dynamics(run: str | Path, action_space: gym.Space, device: torch.device | str = "cpu"
+                  ) -> tuple[DynamicsModel, Config]:
+    """The trained dynamics model of a run (eval mode) and the config it was trained with."""
+    cfg = phase_config(run, DYNAMICS)
+    model = build_dynamics(cfg, action_space)
+    load_weights(model, phase_checkpoint(run, DYNAMICS))
+    return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def encode_frames(tok: CausalTokenizer, frames: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Latents (L, N, D) of one episode's uint8 frames (L, H, W, 3), streamed chunk by chunk."""
+    device = next(tok.parameters()).device
+    cache = tok.new_encode_cache(1)
+    out = []
+    for i in range(0, len(frames), chunk):
+        x = frames[i : i + chunk].to(device)[None]
+        out.append(tok.encode(x, cache=cache)[0].cpu())
+    return torch.cat(out)
+
+
+def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok: CausalTokenizer,
+                progress: bool
+                ) -> ClipBank:
+    """The split's episodes as latents, from the cache when the dataset and tokenizer are unchanged."""
+    from worldflow.data.episodes import load_manifest
+
+    ckpt = phase_checkpoint(run, TOKENIZER)
+    key = hashlib.sha1(f"{Path(data).resolve()}|{ckpt.resolve()}|{len(load_manifest(data)['episodes'])}"
+                       .encode()).hexdigest()[:12]
+    path = Path(run) / DYNAMICS / f"latents_{split}_{key}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        return ClipBank(saved["episodes"], saved["ids"])
+    frames = ClipBank.load(data, cfg.data, split=split, progress=progress)
+    bank = frames.map(lambda f: encode_frames(tok, f), "frames", "latents", progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique: every torchrun process may write the cache
+    torch.save({"episodes": bank.episodes, "ids": bank.ids}, tmp)
+    tmp.replace(path)
+    return bank
+
+
+class Run:
+    """A run directory: ``Run(path).tokenizer()``, ``.dynamics()``, ``.agent()``, ``.dataset()``, ``.config``.
+
+    Loading never changes the directory; each loader returns the module in eval mode with the config its
+    checkpoint was trained with. Errors name the phase that is missing and the command that makes it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def config(self) -> Config:
+        """The resolved config of the latest command run here (``<run>/config.json``)."""
+        from worldflow.config import load_config
+
+        p = self.path / "config.json"
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: {self.path} is not a worldflow run directory")
+        return load_config(str(p))
+
+    def phase_config(self, phase: str) -> Config:
+        """The config the latest checkpoint of ``phase`` was trained with."""
+        return phase_config(self.path, phase)
+
+    def checkpoint(self, phase: str) -> Path:
+        """The latest checkpoint directory of ``phase``."""
+        return phase_checkpoint(self.path, phase)
+
+    def has(self, phase: str) -> bool:
+        """Whether ``phase`` has a checkpoint."""
+        return latest_checkpoint(self.path / phase / "checkpoints") is not None
+
+    def dataset(self) -> dict[str, Any]:
+        """``dataset.json``: path, env id, action space and frame size of the training data."""
+        return run_dataset(self.path)
+
+    def action_space(self) -> gym.Space:
+        """The action space of the training data."""
+        return run_action_space(self.path)
+
+    def tokenizer(self, device: torch.device | str = "cpu") -> tuple[CausalTokenizer, Config]:
+        """The trained tokenizer (frozen) and its config."""
+        return load_tokenizer(self.path, device)
+
+    def dynamics(self, device: torch.device | str = "cpu") -> tuple[DynamicsModel, Config]:
+        """The trained dynamics model (phase ``dynamics``) and its config."""
+        return load_dynamics(self.path, self.action_space(), device)
+
+    def agent(self, phase: str | None = None, device: torch.device | str = "cpu"
+              ) -> tuple[AgentModel, Config, str]:
+        """The agent model (dynamics + heads) of ``phase``: ``agent`` if trained, else ``agent_bc``."""
+        return load_agent_model(self.path, phase, device)
