@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from worldflow.checkpoint import CheckpointError, latest_checkpoint, load_weight
 from worldflow.config import Config, from_dict, save_config
 from worldflow.data.clips import ClipBank
 from worldflow.dynamics.model import DynamicsModel, build_dynamics
+from worldflow.io import atomic_path
 from worldflow.tokenizer.model import CausalTokenizer, TokenizerTraining
 
 TOKENIZER, DYNAMICS, AGENT_BC, AGENT = "tokenizer", "dynamics", "agent_bc", "agent"  # phase directories
@@ -153,10 +153,8 @@ def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok:
         return ClipBank(saved["episodes"], saved["ids"])
     frames = ClipBank.load(data, cfg.data, split=split, progress=progress)
     bank = frames.map(lambda f: encode_frames(tok, f), "frames", "latents", progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique: every torchrun process may write the cache
-    torch.save({"episodes": bank.episodes, "ids": bank.ids}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a unique temporary: every torchrun process may write the cache
+        torch.save({"episodes": bank.episodes, "ids": bank.ids}, tmp)
     return bank
 
 

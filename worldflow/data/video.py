@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
+from worldflow.io import atomic_path
+
 import numpy as np
 
 # Keyframe every 32 frames: measured on 64×64 lossless episodes, a random 16-frame clip reads in
@@ -53,23 +55,6 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-def _tmp_path(path: Path) -> Path:
-    """A fresh temporary path next to ``path`` with the same suffix (PyAV picks the muxer from it)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    # mkstemp creates 0600 files; give the video the permissions a plain open() would (umask applies).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def write_video(
     path: str | Path,
     frames: np.ndarray,
@@ -92,21 +77,15 @@ def write_video(
     _, h, w, _ = frames.shape
     if not lossless and (h % 2 or w % 2):
         raise ValueError(f"lossy yuv420p video needs even height and width, got {h}x{w}")
-    tmp = _tmp_path(path)
-    try:
-        with av.open(str(tmp), "w") as container:
-            stream = container.add_stream(spec["codec"], rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = w, h, spec["pix_fmt"]
-            stream.options = {"crf": str(spec["crf"]), "g": str(gop)}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():  # flush delayed frames
+    with atomic_path(path, keep_suffix=True) as tmp, av.open(str(tmp), "w") as container:
+        stream = container.add_stream(spec["codec"], rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, spec["pix_fmt"]
+        stream.options = {"crf": str(spec["crf"]), "g": str(gop)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
-        _fsync_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        for packet in stream.encode():  # flush delayed frames
+            container.mux(packet)
     return path
 
 
