@@ -18,7 +18,7 @@ def test_success_replaces_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["a.json"]
     umask = os.umask(0)
     os.umask(umask)
-XX
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # plain open() permissions, not mkstemp's 0600
 
 
 def test_error_keeps_the_old_file_and_removes_the_temporary(tmp_path):
