@@ -10,6 +10,25 @@ import torch
 from worldflow.cli.app import main
 
 
+def test_run_object_loads_every_trained_piece(tiny_run):
+    from worldflow.agent.model import AgentModel
+    from worldflow.dynamics import DynamicsModel
+    from worldflow.run import Run
+    from worldflow.tokenizer.model import CausalTokenizer
+
+    run = Run(tiny_run)
+    assert all(run.has(p) for p in ("tokenizer", "dynamics", "agent_bc", "agent")) and not run.has("nope")
+    assert run.config.preset == "tiny" and run.phase_config("dynamics").preset == "tiny"
+    assert run.dataset()["action_space"] and run.action_space().n == 3
+    tok, _ = run.tokenizer()
+    dyn, _ = run.dynamics()
+    agent, _, phase = run.agent()
+    assert isinstance(tok, CausalTokenizer) and not tok.training
+    assert isinstance(dyn, DynamicsModel) and not dyn.training
+    assert isinstance(agent, AgentModel) and phase == "agent"
+    assert run.agent("agent_bc")[2] == "agent_bc"
+
+
 def test_run_has_all_phases(tiny_run):
     for phase in ("tokenizer", "dynamics", "agent_bc", "agent"):
         assert (tiny_run / phase / "checkpoints" / "latest.json").exists(), phase

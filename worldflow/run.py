@@ -10,8 +10,8 @@
     <run>/<phase>/media/                   reconstructions, rollout videos, plots
 
 Phases: ``tokenizer``, ``dynamics``, ``agent_bc`` (behaviour cloning), ``agent`` (RL in imagination).
-Evaluation, rollout, the gymnasium env and the demo load trained pieces through :class:`Run`; the
-training phases write them.
+The training phases write them; the functions here (and :class:`Run`, which bundles them for one
+directory) read them back.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from worldflow.agent.model import AgentModel
 from worldflow.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_meta
-from worldflow.config import Config, from_dict, save_config
+from worldflow.config import Config, from_dict, read_config, save_config
 from worldflow.data.clips import ClipBank
 from worldflow.dynamics.model import DynamicsModel, build_dynamics
 from worldflow.io import atomic_path
@@ -45,9 +45,14 @@ def start_phase(run: str | Path, phase: str, cfg: Config) -> Path:
     return d
 
 
+def checkpoints_dir(run: str | Path, phase: str) -> Path:
+    """``<run>/<phase>/checkpoints``: where a phase's checkpoints live (worldflow.checkpoint)."""
+    return Path(run) / phase / "checkpoints"
+
+
 def phase_checkpoint(run: str | Path, phase: str) -> Path:
     """Latest checkpoint directory of a phase, or a clear error saying which command makes it."""
-    d = latest_checkpoint(Path(run) / phase / "checkpoints")
+    d = latest_checkpoint(checkpoints_dir(run, phase))
     if d is None:
         raise CheckpointError(f"run {run} has no {phase} checkpoint: run `worldflow train {phase} "
                               f"--run {run} ...` first")
@@ -90,7 +95,7 @@ def load_agent_model(run: str | Path, phase: str | None = None, device: torch.de
     """The agent model of a run: phase 'agent' (imagination) if present, else 'agent_bc'."""
     phases = [phase] if phase else list(AGENT_PHASES)
     for ph in phases:
-        d = latest_checkpoint(Path(run) / ph / "checkpoints")
+        d = latest_checkpoint(checkpoints_dir(run, ph))
         if d is None:
             continue
         cfg = phase_config(run, ph)
@@ -139,8 +144,7 @@ def encode_frames(tok: CausalTokenizer, frames: torch.Tensor, chunk: int = 256) 
 
 
 def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok: CausalTokenizer,
-                progress: bool
-                ) -> ClipBank:
+                progress: bool) -> ClipBank:
     """The split's episodes as latents, from the cache when the dataset and tokenizer are unchanged."""
     from worldflow.data.episodes import load_manifest
 
@@ -174,12 +178,10 @@ class Run:
     @property
     def config(self) -> Config:
         """The resolved config of the latest command run here (``<run>/config.json``)."""
-        from worldflow.config import load_config
-
         p = self.path / "config.json"
         if not p.exists():
             raise FileNotFoundError(f"{p} is missing: {self.path} is not a worldflow run directory")
-        return load_config(str(p))
+        return read_config(p)
 
     def phase_config(self, phase: str) -> Config:
         """The config the latest checkpoint of ``phase`` was trained with."""
@@ -191,7 +193,7 @@ class Run:
 
     def has(self, phase: str) -> bool:
         """Whether ``phase`` has a checkpoint."""
-        return latest_checkpoint(self.path / phase / "checkpoints") is not None
+        return latest_checkpoint(checkpoints_dir(self.path, phase)) is not None
 
     def dataset(self) -> dict[str, Any]:
         """``dataset.json``: path, env id, action space and frame size of the training data."""

@@ -133,14 +133,3 @@ def dataset_to_policy(heads: AgentHeads, actions: Tensor) -> Tensor:
     if isinstance(space, gym.spaces.MultiBinary):
         return actions.long()
     return actions.float()
-
-
-
-
-
-
-
-
-
-
-

@@ -6,7 +6,6 @@ import argparse
 
 from worldflow.cli.app import add_train_args, resolve_config
 from worldflow.train import agent as train_agent
-from worldflow.train.agent import online_loop, train_bc, train_imagination
 from worldflow.train.dynamics import train as train_dynamics
 from worldflow.train.tokenizer import train as train_tokenizer
 from worldflow.train.trainer import status_note
@@ -61,14 +60,14 @@ def agent_main(args: argparse.Namespace) -> int:
     if args.online:
         if not args.env:
             raise SystemExit("worldflow train agent --online needs --env ID")
-        online_loop(cfg, args.data, args.run, args.env, progress=not args.no_progress)
+        train_agent.online_loop(cfg, args.data, args.run, args.env, progress=not args.no_progress)
         return 0
     if args.phase in ("bc", "all"):
-        s = train_bc(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
+        s = train_agent.train_bc(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
         print(f"agent_bc: step {s['step']}, {s['minutes']:.1f} min, loss {s['train'].get('loss', 0):.4f}"
               f"{status_note(s)}")
     if args.phase in ("imagine", "all"):
-        s = train_imagination(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
+        s = train_agent.train_imagination(cfg, args.data, args.run, not args.no_resume, not args.no_progress)
         print(f"agent: step {s['step']}, {s['minutes']:.1f} min, imagined return "
               f"{s['train'].get('imagined_return', float('nan')):.3f}{status_note(s)}")
     return 0

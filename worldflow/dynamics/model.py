@@ -1,4 +1,4 @@
-"""Dynamics transformer (DESIGN §5): latents + actions + agent tokens → x̂; shortcut forcing; rollout.
+"""The dynamics transformer (Dreamer 4): latents + actions + agent tokens → x̂ (x-prediction).
 
 Tokens of one frame, in this order (``DynamicsModel.layout``)::
 
@@ -11,11 +11,9 @@ Tokens of one frame, in this order (``DynamicsModel.layout``)::
 - agent: learned agent embeddings + task embedding; they attend to every token of their frame, and no
   other token attends to them, so the task cannot leak into predicted frames.
 
-**Action alignment.** Datasets store ``actions[t]``: the action taken at frame t, leading to frame t+1
-(``action_mask[t]`` False where there is none). The model's tokens of frame t carry the action that *led
-to* frame t, i.e. dataset action t−1; frame 0 of a sequence carries the base embedding alone.
-:func:`shift_actions` converts; :func:`dynamics_loss` and :func:`rollout` take dataset-aligned actions and
-shift internally, :meth:`DynamicsModel.forward` takes frame-aligned (already shifted) actions.
+**Action alignment** is defined in :mod:`worldflow.dynamics.actions`: :meth:`DynamicsModel.forward` takes
+frame-aligned (already shifted) actions; :func:`~worldflow.dynamics.loss.dynamics_loss` and
+:func:`~worldflow.dynamics.rollout.rollout` take dataset-aligned ones and shift them.
 
 The flow maths (corruption, (τ, d) sampling, objectives, Euler steps) all live in :mod:`worldflow.flow`.
 """

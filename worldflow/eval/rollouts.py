@@ -235,13 +235,13 @@ def evaluate_agent_run(run: str | Path, env_id: str, episodes: int, seed: int = 
     was trained); ``*_return_mode`` repeats it acting with the policy's mode. The same env seeds are used
     for every policy.
     """
-    from worldflow.checkpoint import latest_checkpoint
     from worldflow.eval.returns import baseline_returns, policy_returns
-    from worldflow.run import phase_config
+    from worldflow.run import AGENT_PHASES, Run
 
-    cfg = phase_config(run, "agent_bc")
+    rd = Run(run)
+    cfg = rd.phase_config("agent_bc")
     res: dict[str, Any] = {"env": env_id, "episodes": episodes, "seed": seed}
-    phases = [p for p in ("agent", "agent_bc") if latest_checkpoint(Path(run) / p / "checkpoints")]
+    phases = [p for p in AGENT_PHASES if rd.has(p)]
     for phase in phases:
         key = "policy" if phase == "agent" else "bc"
         for mode, sample in (("", True), ("_mode", False)):

@@ -1,6 +1,6 @@
 """Norms, the SwiGLU MLP and rotary position embeddings (RoPE): the per-token pieces of every block.
 
-Channel-last tensors throughout. Blocks follow Dreamer 4 §3.4 (pre-RMSNorm, SwiGLU, RoPE).
+Channel-last tensors throughout. Blocks follow Dreamer 4's efficient transformer (pre-RMSNorm, SwiGLU, RoPE).
 """
 
 from __future__ import annotations

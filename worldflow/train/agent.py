@@ -173,7 +173,3 @@ def online_loop(cfg: Config, data, run, env_id: str, progress: bool = True) -> l
         train_dynamics.train(cfg, data, run, progress=progress)
         history.append(train_offline(cfg, data, run, progress=progress))
     return history
-
-
-
-

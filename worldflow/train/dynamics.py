@@ -71,7 +71,3 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
         return evaluator.quick(model, step, Path(run) / PHASE / "media")
 
     return trainer.fit(batch_fn, loss_fn, eval_fn, resume=resume)
-
-
-
-

@@ -61,7 +61,3 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
         return {"recon_psnr": res["recon_psnr"], "recon_ssim": res["recon_ssim"], **objects}
 
     return trainer.fit(batch_fn, loss_fn, eval_fn, resume=resume)
-
-
-
-

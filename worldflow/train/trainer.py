@@ -23,6 +23,7 @@ import torch
 from worldflow import distributed, precision
 from worldflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from worldflow.config import TrainConfig
+from worldflow.run import checkpoints_dir
 from worldflow.train.runlog import RunLogger
 
 # trainer phase -> the config section that holds its TrainConfig (named in warnings and capped-phase notes)
@@ -133,7 +134,7 @@ class Trainer:
                  config_dict: dict[str, Any], progress: bool = True):
         self.model, self.cfg, self.phase = model, cfg, phase
         self.run_dir = Path(run_dir)
-        self.ckpt_root = self.run_dir / phase / "checkpoints"
+        self.ckpt_root = checkpoints_dir(self.run_dir, phase)
         self.config_dict = config_dict
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
