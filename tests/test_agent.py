@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributions as D
 
-from worldflow.agent.distributions import check_action, policy_distribution
+from worldflow.agent.distributions import policy_distribution
 from worldflow.agent.heads import (
     AgentHeads,
     advantages,
@@ -27,6 +27,7 @@ from worldflow.agent.heads import (
 )
 from worldflow.agent.twohot import make_bins, symexp, symlog, twohot_encode, twohot_loss, twohot_mean
 from worldflow.config import AgentConfig
+from worldflow.data.spaces import check_action
 
 CFG = AgentConfig(hidden=16, head_layers=2, mtp=2, bins=21)
 

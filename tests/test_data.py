@@ -20,9 +20,8 @@ from worldflow.data.episodes import (
     holdout_episodes,
     load_episode,
     load_manifest,
-    space_from_dict,
-    space_to_dict,
 )
+from worldflow.data.spaces import space_from_dict, space_to_dict
 from worldflow.data.video import write_video
 
 SIZE = 40  # a width every decord build reads (decord2 3.4.0 cannot read 32-wide frames; see video.py)

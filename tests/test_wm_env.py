@@ -17,7 +17,8 @@ from gymnasium.utils.env_checker import check_env
 
 from worldflow.config import TransformerConfig
 from worldflow.dynamics import RolloutStream
-from worldflow.gym_env.env import ENV_ID, RowNoiseStream, WorldModelEnv, WorldModelVectorEnv
+from worldflow.gym_env.env import ENV_ID, WorldModelEnv, WorldModelVectorEnv
+from worldflow.gym_env.imagined import RowNoiseStream
 from worldflow.nn import SpaceTimeTransformer
 
 

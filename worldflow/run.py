@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import torch
 
+from worldflow.agent.heads import AgentHeads
 from worldflow.agent.model import AgentModel
 from worldflow.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_meta
 from worldflow.config import Config, from_dict, read_config, save_config
@@ -85,7 +88,7 @@ def run_dataset(run: str | Path) -> dict[str, Any]:
 
 def run_action_space(run: str | Path) -> gym.Space:
     """The action space of the dataset the run was trained on."""
-    from worldflow.data.episodes import space_from_dict
+    from worldflow.data.spaces import space_from_dict
 
     return space_from_dict(run_dataset(run)["action_space"])
 
@@ -117,7 +120,8 @@ def load_tokenizer(run: str | Path, device: torch.device | str = "cpu") -> tuple
 
 def action_space_of(data: str | Path) -> gym.Space:
     """The action space recorded in a dataset's manifest."""
-    from worldflow.data.episodes import load_manifest, space_from_dict
+    from worldflow.data.episodes import load_manifest
+    from worldflow.data.spaces import space_from_dict
 
     return space_from_dict(load_manifest(data)["action_space"])
 
@@ -160,6 +164,27 @@ def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok:
     with atomic_path(path) as tmp:  # a unique temporary: every torchrun process may write the cache
         torch.save({"episodes": bank.episodes, "ids": bank.ids}, tmp)
     return bank
+
+
+@dataclass(frozen=True)
+class WorldModel:
+    """A run's frozen world model: tokenizer, dynamics model and the agent heads (None: dynamics only).
+
+    ``phase`` names the checkpoint the dynamics model and heads came from (``agent``, ``agent_bc`` or
+    ``dynamics``), ``cfg`` is its config and ``action_space`` the training data's.
+    """
+
+    tokenizer: CausalTokenizer
+    dynamics: DynamicsModel
+    heads: AgentHeads | None
+    cfg: Config
+    phase: str
+    action_space: gym.Space
+
+    @property
+    def size(self) -> int:
+        """Frame height = width in pixels."""
+        return self.tokenizer.image_size
 
 
 class Run:
@@ -215,3 +240,23 @@ class Run:
               ) -> tuple[AgentModel, Config, str]:
         """The agent model (dynamics + heads) of ``phase``: ``agent`` if trained, else ``agent_bc``."""
         return load_agent_model(self.path, phase, device)
+
+    def world_model(self, phase: str | None = None, device: torch.device | str = "cpu") -> WorldModel:
+        """Tokenizer + dynamics + heads, frozen. ``phase``: None (``agent``, else ``agent_bc``, else the
+        dynamics model alone, with a warning: no reward or continue heads), or a phase name."""
+        tok, _ = self.tokenizer(device)
+        space = self.action_space()
+        if phase is None or phase in AGENT_PHASES:
+            try:
+                model, cfg, ph = self.agent(phase, device)
+                return WorldModel(tok, model.dynamics, model.heads, cfg, ph, space)
+            except CheckpointError:
+                if phase is not None:
+                    raise
+            warnings.warn(f"run {self.path} has no agent checkpoint: using the dynamics model alone, so "
+                          "rewards are 0 and episodes never terminate (train the agent phase for "
+                          "reward/continue heads)", stacklevel=3)
+        elif phase != DYNAMICS:
+            raise ValueError(f"phase must be None, {DYNAMICS!r} or one of {AGENT_PHASES}, got {phase!r}")
+        dyn, cfg = self.dynamics(device)
+        return WorldModel(tok, dyn.requires_grad_(False), None, cfg, DYNAMICS, space)

@@ -1,4 +1,4 @@
-"""Policy distributions built from a gymnasium action space, and env-action ⇄ tensor converters (DESIGN §6).
+"""Policy distributions built from a gymnasium action space, and their converters to and from env actions.
 
 ``spec = policy_distribution(space)`` returns an :class:`ActionSpec` that knows how many parameters its
 head must output (``spec.param_dim``) and turns head outputs ``params (*batch, param_dim)`` into an
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from worldflow import rng
+from worldflow.data.spaces import action_to_tensor, check_action, check_space, event_shape, tensor_to_action
 
 __all__ = [
     "ActionDist",
@@ -54,9 +55,6 @@ __all__ = [
     "TanhNormal",
     "ActionSpec",
     "policy_distribution",
-    "check_action",
-    "action_to_tensor",
-    "tensor_to_action",
 ]
 
 PAD_LOGIT = -1e9  # finite "impossible class" logit: −inf would make 0·(−inf) = NaN in entropy/KL grads
@@ -227,109 +225,6 @@ class TanhNormal(ActionDist):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checking and converting env actions
-
-
-def _bad(space: gym.Space, action: Any, reason: str) -> ValueError:
-    return ValueError(f"bad action for action space {space}: {reason}; got {action!r}")
-
-
-def _event_shape(space: gym.Space) -> tuple[int, ...]:
-    return () if isinstance(space, gym.spaces.Discrete) else tuple(space.shape)
-
-
-_KINDS = {  # numpy dtype kinds an action may have: i signed, u unsigned, b bool, f float
-    gym.spaces.Discrete: ("iu", "an integer"),
-    gym.spaces.MultiDiscrete: ("iu", "integers"),
-    gym.spaces.MultiBinary: ("iub", "integers or bools in {0, 1}"),
-    gym.spaces.Box: ("iuf", "real numbers"),
-}
-
-
-def _kinds(space: gym.Space) -> tuple[str, str]:
-    """(allowed dtype kinds, description) for a supported space; ValueError for any other space."""
-    for cls, kinds in _KINDS.items():
-        if isinstance(space, cls):
-            return kinds
-    raise ValueError(f"unsupported action space {space}: expected Discrete, MultiDiscrete, MultiBinary, Box")
-
-
-def _fmt_shape(dims: tuple) -> str:
-    return "(" + ", ".join(map(str, dims)) + ("," if len(dims) == 1 else "") + ")"
-
-
-def check_action(space: gym.Space, action: Any, batched: bool = False) -> np.ndarray:
-    """Validate an env action against ``space``; return it as a numpy array (shape ``(*B?, *space.shape)``).
-
-    ``batched=True`` allows exactly one leading batch dim. Raises ValueError naming the space, the
-    problem (type, shape, range) and the action. Accepts Python scalars/lists, numpy arrays and tensors.
-    """
-    kinds, what = _kinds(space)
-    raw = action.detach().cpu().numpy() if isinstance(action, Tensor) else action
-    try:
-        arr = np.asarray(raw)
-    except (ValueError, TypeError) as e:  # ragged lists
-        raise _bad(space, action, f"not convertible to an array ({e})") from None
-    if arr.dtype.kind not in kinds:
-        raise _bad(space, action, f"wrong type: expected {what}, got dtype {arr.dtype}")
-    want = _event_shape(space)
-    shape = arr.shape[1:] if batched else arr.shape
-    if shape != want or (batched and arr.ndim == 0):
-        exp = _fmt_shape(("B", *want) if batched else want)
-        raise _bad(space, action, f"wrong shape: expected {exp}, got {_fmt_shape(arr.shape)}")
-    _check_range(space, arr, action)
-    return arr
-
-
-def _check_range(space: gym.Space, arr: np.ndarray, action: Any) -> None:
-    if isinstance(space, gym.spaces.Discrete):
-        lo, hi = int(space.start), int(space.start + space.n)
-        if np.any(arr < lo) or np.any(arr >= hi):
-            raise _bad(space, action, f"out of range: expected an integer in [{lo}, {hi - 1}]")
-    elif isinstance(space, gym.spaces.MultiDiscrete):
-        if np.any(arr < space.start) or np.any(arr >= space.start + space.nvec):
-            raise _bad(space, action, f"out of range: expected start <= a < start + nvec, nvec={space.nvec}")
-    elif isinstance(space, gym.spaces.MultiBinary):
-        if np.any((arr != 0) & (arr != 1)):
-            raise _bad(space, action, "out of range: expected values in {0, 1}")
-    else:
-        if not np.all(np.isfinite(arr)):
-            raise _bad(space, action, "not finite (NaN or inf)")
-        if np.any(arr < space.low) or np.any(arr > space.high):
-            raise _bad(
-                space, action, f"out of bounds: expected low <= a <= high, low={space.low}, high={space.high}"
-            )
-
-
-def action_to_tensor(
-    space: gym.Space, action: Any, batched: bool = False, device: torch.device | str | None = None
-) -> Tensor:
-    """Env action -> tensor (long indices for integer spaces, float32 for Box); validated first."""
-    arr = check_action(space, action, batched)
-    if isinstance(space, gym.spaces.Box):
-        return torch.as_tensor(arr.astype(np.float32), device=device)
-    if isinstance(space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
-        arr = arr.astype(np.int64) - np.asarray(space.start, dtype=np.int64)
-    return torch.as_tensor(arr.astype(np.int64), device=device)
-
-
-def tensor_to_action(space: gym.Space, action: Tensor) -> Any:
-    """Tensor (*B, *E) -> env action in ``space`` (int for an unbatched Discrete, else a numpy array of
-    the space's dtype with the batch dims in front). Box actions are clipped to the bounds so float
-    rounding in the squashing can never leave the space."""
-    _kinds(space)
-    arr = action.detach().cpu().numpy()
-    if isinstance(space, gym.spaces.Box):
-        return np.clip(arr, space.low, space.high).astype(space.dtype)
-    if isinstance(space, gym.spaces.Discrete):
-        out = arr.astype(np.int64) + int(space.start)
-        return int(out) if out.ndim == 0 else out
-    if isinstance(space, gym.spaces.MultiDiscrete):
-        return (arr.astype(np.int64) + space.start).astype(space.dtype)
-    return arr.astype(space.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Specs: parameter layout per space
 
 
@@ -339,7 +234,7 @@ class ActionSpec:
     def __init__(self, space: gym.Space, param_dim: int):
         self.space = space
         self.param_dim = param_dim
-        self.event_shape = _event_shape(space)
+        self.event_shape = event_shape(space)
 
     def __call__(self, params: Tensor) -> ActionDist:
         if params.shape[-1] != self.param_dim:
@@ -445,7 +340,7 @@ def policy_distribution(space: gym.Space, min_std: float = 0.1, max_std: float =
 
     ``min_std`` / ``max_std`` bound the pre-tanh std of Box policies (ignored otherwise).
     """
-    _kinds(space)
+    check_space(space)
     if isinstance(space, gym.spaces.Discrete):
         return CategoricalSpec(space)
     if isinstance(space, gym.spaces.MultiDiscrete):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from worldflow import flow, rng
 from worldflow.agent.heads import AgentHeads
 from worldflow.config import Config
+from worldflow.data.spaces import indices_to_values
 from worldflow.distributed import rows_of
 from worldflow.dynamics import RolloutStream, shift_actions
 from worldflow.tokenizer.model import RunningRMS
@@ -105,7 +106,7 @@ def imagine(model: AgentModel, context: dict[str, Tensor], horizon: int, steps: 
     for _ in range(horizon):
         dist = heads.policy(h[-1])
         a = dist.sample(generator) if sample else dist.mode()
-        z, agent = stream.imagine(steps, policy_to_dynamics(heads, a)[:, None])
+        z, agent = stream.imagine(steps, indices_to_values(heads.spec.space, a)[:, None])
         h.append(features(agent)[:, -1])
         acts.append(a)
         frames.append(z)
@@ -113,23 +114,3 @@ def imagine(model: AgentModel, context: dict[str, Tensor], horizon: int, steps: 
     nxt = hs[:, 1:]
     return Imagined(h=hs, actions=torch.stack(acts, dim=1), rewards=heads.reward(nxt).float(),
                     continues=heads.continue_prob(nxt).float(), latents=torch.cat(frames, dim=1).float())
-
-
-def policy_to_dynamics(heads: AgentHeads, a: Tensor) -> Tensor:
-    """Policy action tensor -> the action values the dynamics model embeds (the dataset's, i.e. env's)."""
-    space = heads.spec.space
-    if isinstance(space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
-        start = torch.as_tensor(getattr(space, "start", 0), device=a.device)
-        return a + start
-    return a
-
-
-def dataset_to_policy(heads: AgentHeads, actions: Tensor) -> Tensor:
-    """Dataset (env) action values -> policy action tensors (indices for integer spaces)."""
-    space = heads.spec.space
-    if isinstance(space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
-        start = torch.as_tensor(getattr(space, "start", 0), device=actions.device)
-        return (actions - start).long()
-    if isinstance(space, gym.spaces.MultiBinary):
-        return actions.long()
-    return actions.float()

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from worldflow.config import CollectConfig
-from worldflow.data.episodes import DatasetWriter, space_to_dict
+from worldflow.data.episodes import DatasetWriter
+from worldflow.data.spaces import space_to_dict
 
 POLICIES = ("random", "expert", "epsilon-expert")
 

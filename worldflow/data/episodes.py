@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from worldflow.data.spaces import action_dtype, action_shape, space_to_dict
 from worldflow.io import atomic_write_bytes, atomic_write_text
 
 FORMAT_VERSION = 1
@@ -46,96 +47,6 @@ class EmptyDatasetError(ValueError):
 
 class CorruptEpisodeError(RuntimeError):
     """An episode's video or sidecar is unreadable, truncated or inconsistent; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Action spaces ⇄ JSON
-
-
-def _float_list(a: np.ndarray) -> Any:
-    """Array → nested lists, with ±inf / nan as strings (strict JSON has no non-finite numbers)."""
-    return [_float_list(x) for x in a] if a.ndim else (str(float(a)) if not np.isfinite(a) else a.item())
-
-
-def _float_array(v: Any, dtype: str) -> np.ndarray:
-    def conv(x: Any) -> Any:
-        return [conv(y) for y in x] if isinstance(x, list) else float(x)
-
-    return np.asarray(conv(v), dtype=dtype)
-
-
-def space_to_dict(space) -> dict[str, Any]:
-    """A JSON-serialisable description of a Discrete, Box, MultiDiscrete or MultiBinary space."""
-    from gymnasium import spaces
-
-    if isinstance(space, spaces.Discrete):
-        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
-    if isinstance(space, spaces.Box):
-        return {
-            "type": "Box",
-            "shape": list(space.shape),
-            "dtype": np.dtype(space.dtype).name,
-            "low": _float_list(np.asarray(space.low, dtype=np.float64)),
-            "high": _float_list(np.asarray(space.high, dtype=np.float64)),
-        }
-    if isinstance(space, spaces.MultiDiscrete):
-        return {
-            "type": "MultiDiscrete",
-            "nvec": np.asarray(space.nvec).tolist(),
-            "start": np.asarray(space.start).tolist(),
-            "dtype": np.dtype(space.dtype).name,
-        }
-    if isinstance(space, spaces.MultiBinary):
-        n = space.n
-        return {"type": "MultiBinary", "n": int(n) if np.isscalar(n) else list(n)}
-    raise TypeError(
-        f"cannot serialise action space {space!r}: supported are Discrete, Box, MultiDiscrete, MultiBinary"
-    )
-
-
-def space_from_dict(d: dict[str, Any]):
-    """Rebuild the gymnasium space described by :func:`space_to_dict`."""
-    from gymnasium import spaces
-
-    kind = d.get("type")
-    if kind == "Discrete":
-        return spaces.Discrete(int(d["n"]), start=int(d.get("start", 0)))
-    if kind == "Box":
-        dtype = d.get("dtype", "float32")
-        return spaces.Box(
-            low=_float_array(d["low"], dtype),
-            high=_float_array(d["high"], dtype),
-            shape=tuple(d["shape"]),
-            dtype=dtype,
-        )
-    if kind == "MultiDiscrete":
-        dtype = d.get("dtype", "int64")
-        return spaces.MultiDiscrete(np.asarray(d["nvec"]), dtype=dtype, start=np.asarray(d.get("start", 0)))
-    if kind == "MultiBinary":
-        return spaces.MultiBinary(d["n"])
-    raise ValueError(f"unknown action space description {d!r}")
-
-
-def action_dtype(space_dict: dict[str, Any]) -> np.dtype:
-    """On-disk dtype of actions: int64 for discrete kinds, the Box dtype for Box."""
-    if space_dict["type"] == "Box":
-        return np.dtype(space_dict.get("dtype", "float32"))
-    if space_dict["type"] == "MultiBinary":
-        return np.dtype(np.int8)
-    return np.dtype(np.int64)
-
-
-def action_shape(space_dict: dict[str, Any]) -> tuple[int, ...]:
-    """Shape of one action (``()`` for Discrete)."""
-    kind = space_dict["type"]
-    if kind == "Discrete":
-        return ()
-    if kind == "Box":
-        return tuple(space_dict["shape"])
-    if kind == "MultiDiscrete":
-        return tuple(np.shape(space_dict["nvec"]))
-    n = space_dict["n"]
-    return (n,) if isinstance(n, int) else tuple(n)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from worldflow.agent.model import AgentModel, features, policy_to_dynamics
+from worldflow.agent.model import AgentModel, features
+from worldflow.data.spaces import indices_to_values
 from worldflow.dynamics import RolloutStream
 from worldflow.run import load_agent_model
 
@@ -42,7 +43,7 @@ class WorldModelAgent:
         if self.prev is None:  # the first frame of an episode has no incoming action
             agent = self.stream.observe(z)
         else:
-            agent = self.stream.observe(z, policy_to_dynamics(heads, self.prev)[:, None])
+            agent = self.stream.observe(z, indices_to_values(heads.spec.space, self.prev)[:, None])
         dist = heads.policy(features(agent)[:, -1])
         a = dist.sample(self.gen) if self.sample else dist.mode()
         self.prev = a
@@ -136,7 +137,8 @@ def baseline_returns(env_id: str, size: int, episodes: int, kind: str, seed: int
 
 def collect_with_policy(run, env_id: str, data, episodes: int, seed: int, progress: bool = True) -> None:
     """Online loop: play ``episodes`` with the run's current policy and append them to the dataset."""
-    from worldflow.data.episodes import DatasetWriter, load_manifest, space_from_dict
+    from worldflow.data.episodes import DatasetWriter, load_manifest
+    from worldflow.data.spaces import space_from_dict
 
     m = load_manifest(data)
     res = policy_returns(run, env_id, episodes, None, True, seed, progress, record=True)

@@ -45,8 +45,6 @@ are inference tensors: read them freely, but drive ``env.stream`` by hand only i
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,289 +54,18 @@ import torch
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
-from torch import Tensor
 
-from worldflow import flow, rng
-from worldflow.agent.distributions import check_action
-from worldflow.agent.model import features
-from worldflow.config import Config
-from worldflow.dynamics import DynamicsModel, RolloutStream, shift_actions
+from worldflow import flow
+from worldflow.data.spaces import env_values
+from worldflow.gym_env.context import Clip, ContextBank
+from worldflow.gym_env.imagined import ImaginedBatch, RowNoiseStream
 from worldflow.nn import KVCache
-from worldflow.run import AGENT_PHASES, load_agent_model, run_action_space, run_dataset
-from worldflow.tokenizer.model import CausalTokenizer
+from worldflow.run import Run
 
-__all__ = [
-    "ENV_ID",
-    "Clip",
-    "ContextBank",
-    "ImaginedBatch",
-    "RowNoiseStream",
-    "WorldModel",
-    "WorldModelEnv",
-    "WorldModelVectorEnv",
-    "load_world_model",
-    "register",
-]
+__all__ = ["ENV_ID", "WorldModelEnv", "WorldModelVectorEnv", "register"]
 
 ENV_ID = "worldflow/WorldModel-v0"
 METADATA = {"render_modes": ["rgb_array"], "render_fps": 15}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-
-
-@dataclass
-class WorldModel:
-    """The frozen pieces of a trained run: tokenizer, dynamics model, agent heads (None: dynamics only)."""
-
-    tok: CausalTokenizer
-    dynamics: DynamicsModel
-    heads: Any  # worldflow.agent.heads.AgentHeads | None
-    cfg: Config
-    phase: str
-    action_space: gym.Space
-
-    @property
-    def size(self) -> int:
-        return self.tok.image_size
-
-
-def load_world_model(run: str | Path, phase: str | None = None, device: torch.device | str = "cpu"
-                     ) -> WorldModel:
-    """Tokenizer + dynamics + heads of a run. ``phase``: None (agent, else agent_bc, else dynamics only,
-    with a warning), 'agent', 'agent_bc' or 'dynamics' (no heads)."""
-    from worldflow.checkpoint import CheckpointError
-    from worldflow.run import load_dynamics, load_tokenizer
-
-    tok, _ = load_tokenizer(run, device)
-    space = run_action_space(run)
-    if phase is None or phase in AGENT_PHASES:
-        try:
-            model, cfg, ph = load_agent_model(run, phase, device)
-            return WorldModel(tok, model.dynamics, model.heads, cfg, ph, space)
-        except CheckpointError:
-            if phase is not None:
-                raise
-        warnings.warn(f"run {run} has no agent checkpoint: using the dynamics model alone, so rewards are 0 "
-                      "and episodes never terminate (train the agent phase for reward/continue heads)",
-                      stacklevel=3)
-    elif phase != "dynamics":
-        raise ValueError(f"phase must be None, 'dynamics' or one of {AGENT_PHASES}, got {phase!r}")
-    dyn, cfg = load_dynamics(run, space, device)
-    return WorldModel(tok, dyn.requires_grad_(False), None, cfg, "dynamics", space)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Context clips
-
-
-@dataclass
-class Clip:
-    """A context clip: latents (C, N, D), dataset-aligned actions (C, *E) and action_mask (C,) bool.
-
-    ``episode`` / ``start`` say where it came from in the dataset (-1 for a clip passed in by the user).
-    """
-
-    latents: Tensor
-    actions: Tensor
-    action_mask: Tensor
-    episode: int = -1
-    start: int = -1
-
-    @classmethod
-    def given(cls, space: gym.Space, latents: Any, actions: Any = None, action_mask: Any = None) -> Clip:
-        """A user-supplied context; without actions the frames count as unlabeled video (mask False)."""
-        lat = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
-        if lat.dim() != 3 or lat.shape[0] < 1:
-            raise ValueError(f"context_latents must be (C >= 1, N, D), got {tuple(lat.shape)}")
-        c = lat.shape[0]
-        if actions is None:
-            acts, mask = _null_actions(space, c), torch.zeros(c, dtype=torch.bool)
-        else:
-            acts = _dynamics_actions(space, actions, batched=True)
-            mask = torch.ones(c, dtype=torch.bool) if action_mask is None else torch.as_tensor(action_mask)
-        if acts.shape[0] != c or mask.shape != (c,):
-            raise ValueError(f"context actions / action_mask must have {c} rows like the latents")
-        return cls(lat, acts, mask.bool())
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-
-def _mtime(path: Path) -> float:
-    return path.stat().st_mtime
-
-
-def _null_actions(space: gym.Space, n: int) -> Tensor:
-    """(n, *E) placeholder actions (ignored under a False mask)."""
-    shape = () if isinstance(space, gym.spaces.Discrete) else tuple(space.shape)
-    dtype = torch.float32 if isinstance(space, gym.spaces.Box) else torch.long
-    return torch.zeros((n, *shape), dtype=dtype)
-
-
-def _dynamics_actions(space: gym.Space, action: Any, batched: bool) -> Tensor:
-    """Env action(s) -> the values the dynamics model embeds: the env's own values (as in the dataset),
-    long for integer spaces, float32 for Box. Validated first: ValueError names the space and the action."""
-    arr = check_action(space, action, batched)
-    dtype = torch.float32 if isinstance(space, gym.spaces.Box) else torch.long
-    return torch.as_tensor(np.array(arr)).to(dtype)  # a copy (ascontiguousarray would make 0-d arrays 1-d)
-
-
-class ContextBank:
-    """A run's encoded dataset episodes, to draw context clips of C frames from.
-
-    Only clips whose last frame has a successor in its episode are drawn (a clip ending on an episode's
-    final frame would start the imagined episode in a terminal state). Windows are uniform over all
-    valid (episode, start) pairs.
-    """
-
-    def __init__(self, episodes: list[dict[str, Tensor]], ids: list[int], context: int):
-        self.episodes, self.ids, self.context = episodes, list(ids), context
-        lengths = np.array([len(e["latents"]) for e in episodes])
-        self.windows = np.maximum(lengths - context, 0)  # starts s with frame s + C inside the episode
-        if self.windows.sum() == 0:
-            raise ValueError(f"no episode has more than {context} frames (longest: {lengths.max()}): "
-                             "use a shorter context")
-        self.cum = np.cumsum(self.windows)
-
-    @classmethod
-    def load(cls, run: str | Path, split: str, context: int, tok: CausalTokenizer, cfg: Config
-             ) -> ContextBank:
-        """The split's latents cached by ``train dynamics``; (re)encoded if the dataset is still present."""
-        from worldflow.run import latent_bank
-
-        data = run_dataset(run).get("data")
-        if data and Path(data).exists():  # validates the cache key against dataset + tokenizer
-            bank = latent_bank(run, data, cfg, split, tok, progress=False)
-            return cls(bank.episodes, bank.ids, context)
-        files = sorted((Path(run) / "dynamics").glob(f"latents_{split}_*.pt"), key=_mtime)
-        if not files:
-            raise FileNotFoundError(f"run {run} has no cached {split} latents and its dataset {data} is "
-                                    "gone: pass options={'context_latents': ...} to reset")
-        saved = torch.load(files[-1], weights_only=True)  # the newest: written after the latest tokenizer
-        return cls(saved["episodes"], saved["ids"], context)
-
-    def sample(self, rng: np.random.Generator) -> Clip:
-        k = int(rng.integers(int(self.cum[-1])))
-        e = int(np.searchsorted(self.cum, k, side="right"))
-        s = k - int(self.cum[e] - self.windows[e])
-        ep, sl = self.episodes[e], slice(s, s + self.context)
-        return Clip(ep["latents"][sl].float(), ep["actions"][sl], ep["action_mask"][sl].bool(),
-                    self.ids[e], s)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Batched imagination
-
-
-class RowNoiseStream(RolloutStream):
-    """A :class:`RolloutStream` whose noise is drawn row by row, row i from ``generators[i]``.
-
-    Row i then sees exactly the noise a 1-row stream with that generator would, whatever the batch: a
-    batched env reproduces single envs. Rows with ``active[i]`` False get zero noise and leave their
-    generator untouched (a sub-env about to be restarted must not consume its noise). Only the noise
-    source differs from the parent (tests check that a 1-row stream equals it bit for bit).
-    """
-
-    def __init__(self, model: DynamicsModel, generators: list[torch.Generator], t0: int = 0):
-        super().__init__(model, len(generators))
-        self.generators = list(generators)
-        self.active: np.ndarray | None = None  # (B,) bool, or None = all rows
-        self.t = t0  # absolute index of the first frame (an empty cache may start anywhere)
-
-    def noise(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-        """N(0, I) of ``shape`` = (B, ...), row i from generator i (zeros for inactive rows)."""
-        row = (1, *shape[1:])
-        return torch.cat([
-            rng.randn(row, g, self.device, dtype) if self.active is None or self.active[i]
-            else torch.zeros(row, device=self.device, dtype=dtype)
-            for i, g in enumerate(self.generators)
-        ])
-
-
-class ImaginedBatch:
-    """B imagined episodes in lockstep: one :class:`RowNoiseStream` and one decode cache of batch B.
-
-    ``start`` begins all rows at frame 0; ``restart`` replaces some rows while the others go on; ``step``
-    advances every row by one generated frame. Frames are uint8 (B, H, W, 3). All three run under
-    ``torch.inference_mode`` (see the module docstring).
-    """
-
-    def __init__(self, wm: WorldModel, generators: list[torch.Generator], steps: int, decoder_window: int):
-        self.wm, self.generators, self.steps = wm, list(generators), steps
-        self.decoder_window = decoder_window
-        self.stream: RowNoiseStream | None = None
-        self.decode_cache: KVCache | None = None
-
-    @property
-    def batch(self) -> int:
-        return len(self.generators)
-
-    @property
-    def device(self) -> torch.device:
-        return self.wm.dynamics.head.weight.device
-
-    def _observe(self, clips: list[Clip], gens: list[torch.Generator], t0: int
-                 ) -> tuple[RowNoiseStream, KVCache, Tensor]:
-        """A fresh stream + decode cache starting at absolute frame t0 that have taken in ``clips`` (all of
-        one length C); returns them and the decoded last context frames (b, H, W, 3) uint8."""
-        dev = self.device
-        lat = torch.stack([c.latents for c in clips]).to(dev)
-        acts, mask = shift_actions(torch.stack([c.actions for c in clips]).to(dev),
-                                   torch.stack([c.action_mask for c in clips]).to(dev))
-        stream = RowNoiseStream(self.wm.dynamics, gens, t0)
-        stream.observe(lat, acts, mask)
-        cache = self.wm.tok.decoder.new_cache(len(clips), self.decoder_window)
-        cache.next_t = t0  # an empty cache starts at any frame index; aligned with the stream's
-        frames = self.wm.tok.decode_uint8(lat, cache)[:, -1]
-        return stream, cache, frames
-
-    @torch.inference_mode()
-    def start(self, clips: list[Clip]) -> Tensor:
-        """Begin every row from its clip (one clip per row, equal lengths) -> first frames (B, H, W, 3)."""
-        if len({len(c) for c in clips}) != 1:
-            raise ValueError("a batched start needs contexts of one length")
-        self.stream, self.decode_cache, frames = self._observe(clips, self.generators, 0)
-        return frames.cpu()
-
-    @torch.inference_mode()
-    def restart(self, rows: list[int], clips: list[Clip]) -> Tensor:
-        """Restart ``rows`` from ``clips`` while the others go on -> their first frames (len(rows), H, W, 3).
-
-        The new contexts run through a small stream that ends on the batched stream's current frame
-        index (RoPE keys are cached rotated at absolute positions); its cache rows are then copied in.
-        """
-        out = torch.empty(len(rows), self.wm.size, self.wm.size, 3, dtype=torch.uint8)
-        for c in sorted({len(c) for c in clips}):  # one small stream per context length
-            sel = [j for j, clip in enumerate(clips) if len(clip) == c]
-            sub = [rows[j] for j in sel]
-            stream, cache, frames = self._observe([clips[j] for j in sel], [self.generators[i] for i in sub],
-                                                  self.stream.t - c)
-            self.stream.cache.copy_rows_from(sub, stream.cache)
-            self.decode_cache.copy_rows_from(sub, cache)
-            out[sel] = frames.cpu()
-        return out
-
-    @torch.inference_mode()
-    def step(self, actions: Tensor, active: np.ndarray | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Generate one frame per row given env actions (B, *E) (dynamics values).
-
-        ``active`` (B,) bool or None (all): False marks rows whose result will be discarded (they are
-        about to restart); they draw no noise, so their generators stay in step with single envs.
-        Returns frames (B, H, W, 3) uint8, reward (B,) and continue probability (B,), float32 on the CPU.
-        """
-        self.stream.active = active
-        try:
-            z, agent = self.stream.imagine(self.steps, actions.to(self.device)[:, None])
-        finally:
-            self.stream.active = None
-        frames = self.wm.tok.decode_uint8(z, self.decode_cache)[:, 0]
-        heads = self.wm.heads
-        if heads is None:  # dynamics only: no reward model, the episode never ends
-            return frames.cpu(), torch.zeros(self.batch), torch.ones(self.batch)
-        h = features(agent)[:, -1]
-        return frames.cpu(), heads.reward(h).float().cpu(), heads.continue_prob(h).float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,14 +84,14 @@ class _Setup:
                              f"got {render_mode!r}")
         if horizon is not None and horizon < 1:
             raise ValueError(f"horizon must be >= 1 step or None, got {horizon}")
-        self.wm = load_world_model(run, phase, device)
+        self.wm = Run(run).world_model(phase, device)
         dyn = self.wm.cfg.dynamics
         flow.check_steps(steps, dyn.k_max)
         self.steps, self.horizon, self.device = steps, horizon, torch.device(device)
         self.context = max(1, dyn.context - 1) if context is None else int(context)
         if self.context < 1:
             raise ValueError(f"context must be >= 1 frame, got {context}")
-        self.decoder_window = min(self.wm.tok.cfg.context, self.context + 1)
+        self.decoder_window = min(self.wm.tokenizer.cfg.context, self.context + 1)
         # A batched env restarts sub-envs by copying cache rows, so every context must leave both caches
         # full (see the module docstring); a single env starts a fresh stream and takes any context.
         self.min_context = max(dyn.context - 1, self.decoder_window - 1) if batched else 1
@@ -372,7 +99,7 @@ class _Setup:
             raise ValueError(f"the vector env needs context >= {self.min_context} frames (model context "
                              f"{dyn.context} - 1) so that restarting a sub-env keeps the batched caches "
                              f"consistent; got {self.context}")
-        self.bank = ContextBank.load(run, sample_contexts_from, self.context, self.wm.tok, self.wm.cfg)
+        self.bank = ContextBank.load(run, sample_contexts_from, self.context, self.wm.tokenizer, self.wm.cfg)
         size = self.wm.size
         self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
         self.action_space = self.wm.action_space
@@ -470,7 +197,7 @@ class WorldModelEnv(gym.Env):
     def step(self, action: Any):
         if self._world is None:
             raise gym.error.ResetNeeded("call reset() before step()")
-        a = _dynamics_actions(self.action_space, action, batched=False)
+        a = env_values(self.action_space, action, batched=False)
         frames, reward, cont = self._world.step(a[None])
         self._frame = frames[0].numpy()
         self._elapsed += 1
@@ -595,7 +322,7 @@ class WorldModelVectorEnv(VectorEnv):
     def step(self, actions: Any):
         if not self._started:
             raise gym.error.ResetNeeded("call reset() before step()")
-        acts = _dynamics_actions(self.single_action_space, actions, batched=True)
+        acts = env_values(self.single_action_space, actions, batched=True)
         if acts.shape[0] != self.num_envs:
             raise ValueError(f"got actions for {acts.shape[0]} sub-envs, expected {self.num_envs}")
         restart = np.flatnonzero(self._autoreset).tolist()

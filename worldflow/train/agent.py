@@ -22,11 +22,12 @@ from worldflow.agent.heads import (
     pmpo_policy_loss,
     value_loss,
 )
-from worldflow.agent.model import AgentModel, dataset_to_policy, imagine
+from worldflow.agent.model import AgentModel, imagine
 from worldflow.agent.twohot import twohot_mean
 from worldflow.checkpoint import load_weights
 from worldflow.config import Config, to_dict
 from worldflow.data.clips import ClipBank
+from worldflow.data.spaces import values_to_indices
 from worldflow.distributed import device_of
 from worldflow.dynamics import dynamics_loss
 from worldflow.run import load_agent_model, phase_checkpoint, record_dataset, run_action_space, start_phase
@@ -51,7 +52,7 @@ def bc_losses(model: AgentModel, b: dict[str, torch.Tensor], cfg: Config, gen: t
                                     cfg.dynamics, gen)
     h = model.context_features(b["latents"], b["actions"], b["action_mask"], gen)
     heads = model.heads
-    acts = dataset_to_policy(heads, b["actions"])
+    acts = values_to_indices(heads.spec.space, b["actions"])
     # reward on arrival: h_t's reward target is r_{t-1}; frame 0 has none
     rew = torch.cat([torch.zeros_like(b["rewards"][:, :1]), b["rewards"][:, :-1]], dim=1)
     rew_mask = torch.cat([torch.zeros_like(b["action_mask"][:, :1]), b["action_mask"][:, :-1]], dim=1)
