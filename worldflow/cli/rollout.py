@@ -7,20 +7,12 @@ from pathlib import Path
 
 
 def main(args: argparse.Namespace) -> int:
-    from worldflow.distributed import device_of
-    from worldflow.eval.rollouts import RolloutEvaluator, with_frames
-    from worldflow.run import action_space_of, latent_bank, load_dynamics, load_tokenizer, phase_config
+    from worldflow.eval.rollouts import heldout_rollouts
 
-    cfg = phase_config(args.run, "dynamics")
-    device = device_of(cfg)
-    tok, _ = load_tokenizer(args.run, device)
-    model, _ = load_dynamics(args.run, action_space_of(args.data), device)
-    if args.context > model.cfg.context:
-        raise SystemExit(f"worldflow rollout: --context {args.context} exceeds the context the model was "
-                         f"trained for ({model.cfg.context} frames)")
-    bank = with_frames(latent_bank(args.run, args.data, cfg, "heldout", tok, True), args.data, cfg, True)
-    ev = RolloutEvaluator(tok, bank, cfg, device, context=args.context, horizon=args.horizon,
-                          clips=args.clips, seed=args.seed)
+    try:
+        model, ev = heldout_rollouts(args.run, args.data, args.context, args.horizon, args.clips, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"worldflow rollout: {e}") from None
     pred = ev.predict(model, args.steps)
     out = Path(args.out)
     ev.write_video(pred, out.with_suffix(""), n=args.clips)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from worldflow.agent.model import AgentModel, features
 from worldflow.data.spaces import indices_to_values
 from worldflow.dynamics import RolloutStream
-from worldflow.run import load_agent_model
+from worldflow.run import Run
 
 
 class WorldModelAgent:
@@ -100,12 +100,11 @@ def policy_returns(run, env_id: str, episodes: int, phase: str | None, sample: b
                    progress: bool = True, record: bool = False) -> dict[str, Any]:
     """Real-env returns of a run's policy (phase 'agent' or 'agent_bc')."""
     from worldflow.distributed import device_of
-    from worldflow.run import load_tokenizer
-
-    model, cfg, ph = load_agent_model(run, phase)
+    r = Run(run)
+    model, cfg, ph = r.agent(phase)
     device = device_of(cfg)
     model.to(device)
-    tok, _ = load_tokenizer(run, device)
+    tok, _ = r.tokenizer(device)
     agent = WorldModelAgent(tok, model, episodes, sample=sample, seed=seed)
     res = run_episodes(env_id, cfg.data.size, episodes, agent.act, seed, progress, record=record)
     res["phase"] = ph

@@ -132,25 +132,33 @@ def _mean_over(m: dict[int, float], horizons: list[int]) -> float:
     return sum(vals) / max(1, len(vals))
 
 
+def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: int, clips: int,
+                     seed: int = 0, progress: bool = True) -> tuple[Any, RolloutEvaluator]:
+    """A run's dynamics model (eval mode) and a :class:`RolloutEvaluator` over held-out clips of ``data``.
+
+    ValueError if ``context`` exceeds the frames the model was trained on."""
+    from worldflow.distributed import device_of
+    from worldflow.run import DYNAMICS, Run, latent_bank
+
+    r = Run(run)
+    cfg = r.phase_config(DYNAMICS)
+    device = device_of(cfg)
+    tok, _ = r.tokenizer(device)
+    model, _ = r.dynamics(device)
+    if context > model.cfg.context:
+        raise ValueError(f"--context {context} exceeds the context the model was trained for "
+                         f"({model.cfg.context} frames)")
+    bank = with_frames(latent_bank(run, data, cfg, "heldout", tok, progress), data, cfg, progress)
+    ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips, seed=seed,
+                          reader=reader_of(data))
+    return model, ev
+
+
 def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons: list[int], steps: int,
                       steps_sweep: list[int] | None, clips: int, out_dir: Path, progress: bool = True
                       ) -> dict[str, Any]:
     """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model."""
-    from worldflow.distributed import device_of
-    from worldflow.run import action_space_of, latent_bank, load_dynamics, load_tokenizer, phase_config
-
-    cfg = phase_config(run, "dynamics")
-    device = device_of(cfg)
-    tok, _ = load_tokenizer(run, device)
-    model, _ = load_dynamics(run, action_space_of(data), device)
-    if context > model.cfg.context:
-        raise ValueError(f"--context {context} exceeds the context the model was trained for "
-                         f"({model.cfg.context} frames)")
-    bank = latent_bank(run, data, cfg, "heldout", tok, progress)
-    bank = with_frames(bank, data, cfg, progress)
-    horizon = max(horizons)
-    ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips,
-                          reader=reader_of(data))
+    model, ev = heldout_rollouts(run, data, context, max(horizons), clips, progress=progress)
     t0 = time.time()
     pred = ev.predict(model, steps)
     fps = pred.shape[0] * pred.shape[1] / (time.time() - t0)
@@ -212,9 +220,9 @@ def evaluate_tokenizer_run(run: str | Path, data: str | Path, clips: int, progre
                            ) -> dict[str, Any]:
     from worldflow.distributed import device_of
     from worldflow.eval.reconstruction import evaluate_tokenizer
-    from worldflow.run import load_tokenizer
+    from worldflow.run import Run
 
-    tok, cfg = load_tokenizer(run, "cpu")
+    tok, cfg = Run(run).tokenizer("cpu")
     device = device_of(cfg)
     tok.to(device)
     held = ClipBank.load(data, cfg.data, split="heldout", progress=progress)
