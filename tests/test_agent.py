@@ -1,4 +1,4 @@
-"""Agent maths (DESIGN §6): two-hot, policy distributions, heads, BC-MTP, λ-returns, value loss, PMPO.
+"""Agent maths (Dreamer 4 agent): two-hot, policy distributions, heads, BC-MTP, λ-returns, value loss, PMPO.
 
 Reference values come from independent loop transcriptions of the equations in docs/agent.md.
 """

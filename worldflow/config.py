@@ -102,7 +102,7 @@ class DynamicsConfig:
 
 @dataclass
 class AgentConfig:
-    """Agent heads and losses (DESIGN §6, docs/agent.md)."""
+    """Agent heads and losses (Dreamer 4 agent training; docs/agent.md)."""
 
     hidden: int = 256
     head_layers: int = 2  # hidden layers per head MLP (Linear -> RMSNorm -> SiLU)

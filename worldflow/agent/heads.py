@@ -1,4 +1,4 @@
-"""Agent heads and their losses (DESIGN §6): policy, reward, value, continue; BC with multi-token
+"""Agent heads and their losses (Dreamer 4 agent training): policy, reward, value, continue; BC with multi-token
 prediction, λ-returns, value loss and PMPO. Equations, index conventions and the tests that check them
 are listed in docs/agent.md.
 
@@ -156,7 +156,7 @@ class AgentHeads(nn.Module):
         return torch.sigmoid(self.continue_logit(h, task))
 
     def rl_parameters(self) -> list[nn.Parameter]:
-        """What phase 3 trains by default (DESIGN §6): the policy and value heads."""
+        """What phase 3 trains by default (Dreamer 4 phase 3): the policy and value heads."""
         return [*self.policy_head.parameters(), *self.value_head.parameters()]
 
 
@@ -288,7 +288,7 @@ def value_loss(logits: Tensor, returns: Tensor, bins: Tensor, weights: Tensor | 
 
 
 def pmpo_loss(logp: Tensor, advantages: Tensor, kl: Tensor, alpha: float = 0.5, beta: float = 0.3) -> Tensor:
-    """PMPO policy loss (Dreamer 4, DESIGN §6), exactly:
+    """PMPO policy loss (Dreamer 4), exactly:
 
         L = (1 − α)/|D⁻| Σ_{D⁻} ln π(a|s) − α/|D⁺| Σ_{D⁺} ln π(a|s) + β/N Σ_{i=1..N} KL[π ‖ π_prior]_i
 

@@ -1,4 +1,4 @@
-"""Symlog / symexp and the symexp two-hot distribution for reward and value heads (DESIGN §6, Dreamer 3).
+"""Symlog / symexp and the symexp two-hot distribution for reward and value heads (Dreamer 3).
 
 Convention (chosen to match the Dreamer 3 reference implementation, not the looser wording of its first
 arXiv version):

@@ -66,7 +66,7 @@ class _BoxEmbed(nn.Module):
     """Box: a linear map of the flattened action, rescaled to [-1, 1] when the bounds are finite.
 
     One Linear over the flattened components equals a sum of per-component linear maps, so each
-    component is still embedded on its own (DESIGN §5) at the cost of one matmul.
+    component is still embedded on its own (as in Dreamer 4) at the cost of one matmul.
     """
 
     def __init__(self, space: gym.spaces.Box, width: int):

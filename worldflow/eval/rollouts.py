@@ -1,6 +1,6 @@
 """``worldflow eval``: held-out open-loop rollouts scored per horizon, tokenizer reconstruction, plots.
 
-Protocol (DESIGN §8): condition on C context frames of held-out episodes, roll out H frames with the
+Protocol: condition on C context frames of held-out episodes, roll out H frames with the
 true actions, decode, and compare with the real frames (context excluded). Baselines: repeating the last
 context frame, and the same rollout with actions shuffled across the batch (action sensitivity).
 
