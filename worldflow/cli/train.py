@@ -15,44 +15,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """``worldflow train`` and its three phases."""
     tp = sub.add_parser("train", help="train the tokenizer, the dynamics model or the agent")
     tsub = tp.add_subparsers(dest="what", required=True, metavar="WHAT")
-    _add_tokenizer(tsub)
-    _add_dynamics(tsub)
+    _add_phase(tsub, "tokenizer")
+    _add_phase(tsub, "dynamics")
     _add_agent(tsub)
 
 
-def tokenizer_main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
-    summary = train_tokenizer(cfg, args.data, args.run, resume=not args.no_resume,
-                              progress=not args.no_progress)
-    ev = summary["eval"]
-    print(f"tokenizer: step {summary['step']}, held-out PSNR {ev.get('recon_psnr', float('nan')):.2f} dB, "
-          f"SSIM {ev.get('recon_ssim', float('nan')):.4f}, {summary['minutes']:.1f} min"
-          f"{status_note(summary)}")
-    return 0
-
-
-def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="train the causal video tokenizer",
-                       description="Train the causal video tokenizer on a collected dataset.")
-    add_train_args(p, "run directory (created; resumed if it has checkpoints)")
-    p.set_defaults(func=tokenizer_main)
-
-
-def dynamics_main(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
-    s = train_dynamics(cfg, args.data, args.run, resume=not args.no_resume, progress=not args.no_progress)
+def _tokenizer_line(cfg, s: dict) -> str:
     ev, nan = s["eval"], float("nan")
-    print(f"dynamics: step {s['step']}, {s['minutes']:.1f} min, held-out PSNR (h=1..16, "
-          f"K={cfg.dynamics.steps}) {ev.get('psnr', nan):.2f} dB vs copy-last "
-          f"{ev.get('psnr_copy_last', nan):.2f} dB{status_note(s)}")
+    return (f"tokenizer: step {s['step']}, held-out PSNR {ev.get('recon_psnr', nan):.2f} dB, "
+            f"SSIM {ev.get('recon_ssim', nan):.4f}, {s['minutes']:.1f} min")
+
+
+def _dynamics_line(cfg, s: dict) -> str:
+    ev, nan = s["eval"], float("nan")
+    return (f"dynamics: step {s['step']}, {s['minutes']:.1f} min, held-out PSNR (h=1..16, "
+            f"K={cfg.dynamics.steps}) {ev.get('psnr', nan):.2f} dB vs copy-last "
+            f"{ev.get('psnr_copy_last', nan):.2f} dB")
+
+
+# name -> (train function, summary line, help, description, --run help)
+_PHASES = {
+    "tokenizer": (train_tokenizer, _tokenizer_line, "train the causal video tokenizer",
+                  "Train the causal video tokenizer on a collected dataset.",
+                  "run directory (created; resumed if it has checkpoints)"),
+    "dynamics": (train_dynamics, _dynamics_line, "train the shortcut-forcing dynamics model",
+                 "Train the dynamics model on latents of the run's trained tokenizer.",
+                 "run directory holding a trained tokenizer"),
+}
+
+
+def _phase_main(args: argparse.Namespace) -> int:
+    train, line = _PHASES[args.what][:2]
+    cfg = resolve_config(args)
+    s = train(cfg, args.data, args.run, resume=not args.no_resume, progress=not args.no_progress)
+    print(line(cfg, s) + status_note(s))
     return 0
 
 
-def _add_dynamics(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dynamics", help="train the shortcut-forcing dynamics model",
-                       description="Train the dynamics model on latents of the run's trained tokenizer.")
-    add_train_args(p, "run directory holding a trained tokenizer")
-    p.set_defaults(func=dynamics_main)
+def _add_phase(sub: argparse._SubParsersAction, name: str) -> None:
+    _, _, help_, description, run_help = _PHASES[name]
+    p = sub.add_parser(name, help=help_, description=description)
+    add_train_args(p, run_help)
+    p.set_defaults(func=_phase_main)
 
 
 def agent_main(args: argparse.Namespace) -> int:
