@@ -1,4 +1,4 @@
-"""Tests for worldflow.flow: every check compares against an independent transcription of Dreamer 4 eq. 5–8."""
+"""Tests for worldflow.flow: every check compares against an independent transcription of Dreamer 4 eq. 5–8"""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class ToyModel(nn.Module):
 
 
 def reference_loss(model, z1, z0, tau, d, k_max, ramp=True, bias=None, stop_grad=True):
-    """Direct transcription of Dreamer 4 eq. 6–8, frame by frame, half steps on *all* rows, explicit .detach()."""
+    """Transcription of Dreamer 4 eq. 6–8, frame by frame, half steps on *all* rows, explicit .detach()."""
     B, T = tau.shape
     d_min = 1.0 / k_max
     zt = (1 - tau)[..., None] * z0 + tau[..., None] * z1

@@ -34,46 +34,46 @@ class DataConfig:
     holdout_fraction: float = 0.1  # share of episodes held out (by episode, deterministic)
     on_corrupt: str = "error"  # "error" | "skip": what a broken video file does
     cross_episode: bool = False  # allow clips to span episode boundaries
-    num_workers: int = 0
+    num_workers: int = 0  # worker processes reading clips from disk (0 = in the main process)
 
 
 @dataclass
 class CollectConfig:
-    env: str = "worldflow/Catch-v0"
-    episodes: int = 100
+    env: str = "worldflow/Catch-v0"  # gymnasium env id episodes are collected from
+    episodes: int = 100  # episodes of the main behaviour policy
     policy: str = "epsilon-expert"  # random | expert | epsilon-expert
-    epsilon: float = 0.3
+    epsilon: float = 0.3  # random-action rate of the epsilon-expert policy
     random_episodes: int = 0  # extra episodes of a random policy appended after the main ones
-    action_repeat: int = 1
+    action_repeat: int = 1  # repeat each action K env steps
     max_steps: int = 1000  # per episode, safety cap
-    seed: int = 0
+    seed: int = 0  # episode k is reset with seed + k
 
 
 @dataclass
 class TransformerConfig:
     """Shared space/time transformer (tokenizer and dynamics)."""
 
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
+    width: int = 128  # model width (channels per token)
+    depth: int = 4  # transformer blocks
+    heads: int = 4  # attention heads (query)
     kv_heads: int = 4  # grouped-query attention when < heads
     mlp_ratio: float = 4.0  # SwiGLU hidden = mlp_ratio * width * 2/3
     temporal_every: int = 4  # a causal temporal layer every N-th layer (others spatial only)
     softcap: float = 50.0  # attention logit soft-cap (0 disables)
-    qk_norm: bool = True
-    rope_base: float = 10000.0
-    dropout: float = 0.0
+    qk_norm: bool = True  # RMS-normalise queries and keys per head before the dot product
+    rope_base: float = 10000.0  # RoPE base frequency
+    dropout: float = 0.0  # residual dropout
     backend: str = "auto"  # auto | sdpa | math | xformers
 
 
 @dataclass
 class TokenizerConfig:
     transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(temporal_every=1))
-    patch: int = 8
+    patch: int = 8  # patch size in pixels (frames must divide by it)
     latent_tokens: int = 16  # N_l learned latent tokens per frame
     latent_dim: int = 16  # D_b bottleneck channels (tanh)
     mask_max: float = 0.9  # masked autoencoding: p ~ U(0, mask_max) per frame
-    lpips_weight: float = 0.2
+    lpips_weight: float = 0.2  # weight of the LPIPS term, used only with lpips_path
     lpips_path: str = ""  # local LPIPS weights; empty = LPIPS off (nothing downloads)
     rms_decay: float = 0.99  # running RMS estimate for loss normalisation
     clip_len: int = 0  # frames per tokenizer training clip (0 = data.clip_len); short clips train faster
@@ -83,20 +83,20 @@ class TokenizerConfig:
 @dataclass
 class DynamicsConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
-    registers: int = 2
+    registers: int = 2  # register tokens per frame
     pack: int = 1  # tokenizer latents packed into one spatial token
-    agent_tokens: int = 1
-    num_tasks: int = 1
+    agent_tokens: int = 1  # agent tokens per frame (world tokens never attend to them)
+    num_tasks: int = 1  # task embeddings for the agent tokens
     objective: str = "shortcut"  # shortcut | flow_x | flow_v
-    k_max: int = 64
-    bootstrap_fraction: float = 0.25
-    ramp_weight: bool = True
+    k_max: int = 64  # K_max, a power of two: the finest step is d_min = 1/K_max
+    bootstrap_fraction: float = 0.25  # share of rows trained with a bootstrapped shortcut target (d > d_min)
+    ramp_weight: bool = True  # loss weight 0.9 tau + 0.1 (Dreamer 4's ramp)
     context_signal: float = 0.9  # signal level tau of context frames at inference
     context_noise: bool = True  # corrupt context frames at inference (ablation switch)
     context: int = 16  # C: temporal attention window / rollout context in frames
-    single_frame_fraction: float = 0.3
+    single_frame_fraction: float = 0.3  # share of items trained as single frames without temporal context
     long_every: int = 0  # every N-th batch uses clips of long_len frames (0 = never)
-    long_len: int = 32
+    long_len: int = 32  # frames per clip of the long batches (long_every)
     steps: int = 4  # default sampling steps K at inference
 
 
@@ -104,65 +104,65 @@ class DynamicsConfig:
 class AgentConfig:
     """Agent heads and losses (Dreamer 4 agent training; docs/agent.md)."""
 
-    hidden: int = 256
+    hidden: int = 256  # hidden width of each head MLP
     head_layers: int = 2  # hidden layers per head MLP (Linear -> RMSNorm -> SiLU)
     mtp: int = 8  # multi-token prediction length L
     bins: int = 255  # two-hot bins (symexp spaced)
     bins_limit: float = 20.0  # bins span symlog values [-limit, limit], i.e. |y| <= symexp(20) ~ 4.85e8
     min_std: float = 0.1  # Box policies: bounds of the pre-tanh Normal std (Dreamer 3)
-    max_std: float = 1.0
-    gamma: float = 0.997
-    lam: float = 0.95
-    pmpo_alpha: float = 0.5
-    pmpo_beta: float = 0.3
+    max_std: float = 1.0  # upper bound of that std
+    gamma: float = 0.997  # discount
+    lam: float = 0.95  # lambda of the lambda-returns
+    pmpo_alpha: float = 0.5  # PMPO weight of the positive-advantage set against the negative one
+    pmpo_beta: float = 0.3  # PMPO weight of the KL to the behaviour-cloned prior
     horizon: int = 16  # imagination rollout length
-    imag_batch: int = 32
+    imag_batch: int = 32  # imagined rollouts per phase-3 batch
     imag_steps: int = 0  # K for imagined rollouts in phase 3 (0 = dynamics.steps)
     # Phase-3 updates per imagined batch. Imagination is nearly all of a phase-3 step's time; each update
     # recomputes values and λ-returns with the current heads, so reuse also lets the value head catch up.
     imag_reuse: int = 1
-    train_backbone: bool = False
+    train_backbone: bool = False  # phase 3 also trains the transformer (else policy + value heads)
     # Phase 2: divide each loss term (dynamics, BC, reward, continue) by its running RMS, as the tokenizer
     # does. Without it the 9-step BC sum (~8) outweighs the dynamics loss (~0.01) ~600:1 and fine-tuning
     # the shared transformer erases the world model (on Catch: ball tracked 81% -> 2% after one step).
     loss_norm: bool = True
-    loss_norm_decay: float = 0.99
+    loss_norm_decay: float = 0.99  # decay of those running RMS estimates
 
 
 @dataclass
 class OnlineConfig:
     """Dreamer-style online loop: act in the real env, grow the dataset, retrain, repeat."""
 
-    iterations: int = 3
+    iterations: int = 3  # act / collect / retrain rounds
     episodes_per_iter: int = 10  # real-env episodes collected with the current policy each iteration
     tokenizer_steps: int = 200  # fine-tuning steps per iteration for each phase
-    dynamics_steps: int = 300
-    bc_steps: int = 100
-    agent_steps: int = 200
+    dynamics_steps: int = 300  # dynamics fine-tuning steps per iteration
+    bc_steps: int = 100  # behaviour-cloning steps per iteration
+    agent_steps: int = 200  # imagination RL steps per iteration
 
 
 @dataclass
 class TrainConfig:
     """Optimisation settings for one training phase."""
 
-    steps: int = 1000
-    batch: int = 8
-    lr: float = 3e-4
+    steps: int = 1000  # optimiser steps (defines the result; see max_minutes)
+    batch: int = 8  # clips per step (global, over all processes)
+    lr: float = 3e-4  # peak learning rate (after warm-up, cosine to 10% at the last step)
     head_lr: float = 0.0  # peak lr of parameters under ``heads.`` (new agent heads); 0 = lr
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup: int = 100
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
+    warmup: int = 100  # linear warm-up steps
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = none)
     # bf16 autocast: "auto" uses it only where the device runs bf16 natively (worldflow.precision);
     # true/false force it (true where it is emulated warns: ~8x slower on an AVX2 CPU)
     bf16: bool | Literal["auto"] = "auto"
-    log_every: int = 10
-    eval_every: int = 200
-    ckpt_every: int = 200
+    log_every: int = 10  # steps between log lines
+    eval_every: int = 200  # steps between held-out evaluations (0 = none)
+    ckpt_every: int = 200  # steps between checkpoints
     # Safety cap on wall time (0 = none). A phase's result is defined by ``steps``; a phase this cap stops
     # is reported as capped (run summary, demo printout, summary.json "capped"), never as completed.
     max_minutes: float = 0.0
-    seed: int = 0
+    seed: int = 0  # seed of the phase's generator (batches, noise, masks)
     # multi-process runs under torchrun (docs/distributed.md); single-process runs ignore fsdp
     fsdp: bool = False  # shard params/grads/optimizer state per transformer block (FSDP2) instead of DDP
     activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
@@ -172,8 +172,8 @@ class TrainConfig:
 class Config:
     """Everything a run needs; saved as ``config.json`` in every run directory."""
 
-    preset: str = "default"
-    device: str = "cpu"
+    preset: str = "default"  # preset this config was built from
+    device: str = "cpu"  # torch device: cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

@@ -1,4 +1,4 @@
-"""Flow maths of Dreamer 4 (eq. 5–8) and Shortcut Models in one place: conventions, the discrete (τ, d) grid, shortcut forcing, samplers.
+"""Flow maths of Dreamer 4 eq. 5–8: conventions, the discrete (τ, d) grid, shortcut forcing, samplers.
 
 Conventions (Dreamer 4; SD3/MeanFlow use the opposite sign):
 
@@ -125,7 +125,7 @@ def sample_tau_d(
 ) -> tuple[Tensor, Tensor]:
     """Draw per-frame (τ, d), each (batch, frames) float32, on the discrete grid (diffusion forcing).
 
-    Dreamer 4 shortcut forcing: d ~ 1/U{1, 2, 4, …, K_max}, τ ~ U on d's grid {0, d, …, 1 − d}. Rows are of two kinds:
+    Dreamer 4: d ~ 1/U{1, 2, 4, …, K_max}, τ ~ U on d's grid {0, d, …, 1 − d}. Rows are of two kinds:
     *flow rows* use d = d_min = 1/K_max; *bootstrap rows* (a share ``bootstrap_fraction`` of the rows, the
     Shortcut Models k = 1/4) draw, per frame, d = 2^-e with e ~ U{0, …, log2 K_max − 1}, i.e. the
     d > d_min values {1, 1/2, …, 2/K_max}, uniform over the exponent. The number of bootstrap rows is

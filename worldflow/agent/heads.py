@@ -1,4 +1,4 @@
-"""Agent heads and their losses (Dreamer 4 agent training): policy, reward, value, continue; BC with multi-token
+"""Agent heads and their losses (Dreamer 4): policy, reward, value, continue; BC with multi-token
 prediction, λ-returns, value loss and PMPO. Equations, index conventions and the tests that check them
 are listed in docs/agent.md.
 

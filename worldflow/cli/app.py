@@ -20,6 +20,7 @@ _COMMANDS = {
     "rollout": "worldflow.cli.rollout",
     "demo": "worldflow.cli.demo",
     "bench": "worldflow.cli.bench",
+    "config": "worldflow.cli.config",
 }
 
 

@@ -34,7 +34,7 @@ from worldflow.nn import KVCache, SpaceTimeTransformer
 
 
 class DynamicsModel(nn.Module):
-    """x-prediction dynamics transformer over (B, T, N_l, D_b) tokenizer latents (the Dreamer 4 dynamics model).
+    """x-prediction dynamics transformer over (B, T, N_l, D_b) tokenizer latents (Dreamer 4).
 
     cfg: :class:`DynamicsConfig`; latent_tokens N_l and latent_dim D_b of the tokenizer; action_space: the
     environment's gymnasium space (None: video only).

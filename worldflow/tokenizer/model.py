@@ -1,4 +1,4 @@
-"""Causal video tokenizer (Dreamer 4's causal tokenizer): frames <-> tanh-bounded latent tokens, one frame at a time.
+"""Causal video tokenizer (Dreamer 4): frames <-> tanh-bounded latent tokens, one frame at a time.
 
 Per frame the encoder sees P patch tokens (+ learned position embeddings) followed by N_l learned latent
 tokens; the decoder sees P learned patch-query tokens followed by the N_l latents projected back to model
