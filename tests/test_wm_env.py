@@ -1,4 +1,4 @@
-"""The world model as gymnasium envs (worldflow.gym_env.env) on the session's tiny trained run."""
+"""The world model as gymnasium envs (worldflow.gym_env.env) on the tiny trained run shared by the tests."""
 
 from __future__ import annotations
 
