@@ -9,12 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def to_unit(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] or float [0, 1] frames -> float32 [0, 1]."""
-    if frames.dtype == torch.uint8:
-        return frames.float() / 255.0
-    return frames.float()
+from worldflow.data.pixels import to_unit
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, max_val: float = 1.0, eps: float = 1e-10) -> torch.Tensor:

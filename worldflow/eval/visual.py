@@ -8,19 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worldflow.data.pixels import to_uint8_numpy
 from worldflow.data.video import tile_videos, write_mp4_and_gif
-
-
-def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Frames as uint8 numpy (..., H, W, 3) from uint8 or float [0, 1] tensors/arrays."""
-    if torch.is_tensor(frames):
-        frames = frames.detach().cpu()
-        if frames.dtype != torch.uint8:
-            frames = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        return frames.numpy()
-    if frames.dtype != np.uint8:
-        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-    return frames
 
 
 def comparison_video(truth: torch.Tensor, pred: torch.Tensor, context: int = 0) -> np.ndarray:
@@ -30,7 +19,7 @@ def comparison_video(truth: torch.Tensor, pred: torch.Tensor, context: int = 0) 
     are shown as given (they are the conditioning frames) and framed by a thin green border; predicted
     frames get a red border so a viewer can tell them apart. Returns uint8 (T, H', W', 3).
     """
-    gt, pr = to_uint8(truth), to_uint8(pred)
+    gt, pr = to_uint8_numpy(truth), to_uint8_numpy(pred)
     diff = np.clip(np.abs(gt.astype(np.int16) - pr.astype(np.int16)) * 2, 0, 255).astype(np.uint8)
     pr = pr.copy()
     if context > 0:

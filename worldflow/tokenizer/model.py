@@ -23,25 +23,11 @@ from torch import Tensor, nn
 
 from worldflow import rng
 from worldflow.config import Config, TokenizerConfig
+from worldflow.data.pixels import to_signed, to_uint8, to_unit
 from worldflow.distributed import rows_of
 from worldflow.nn import KVCache, SpaceTimeTransformer
 
-__all__ = ["CausalTokenizer", "TokenizerLoss", "RunningRMS", "to_signed", "to_unit", "to_uint8"]
-
-
-def to_unit(frames: Tensor) -> Tensor:
-    """uint8 [0, 255] or float [0, 1] frames -> float32 [0, 1] (same shape)."""
-    return frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
-
-
-def to_signed(frames: Tensor) -> Tensor:
-    """uint8 [0, 255] or float [0, 1] frames -> float32 [-1, 1] (same shape)."""
-    return to_unit(frames) * 2.0 - 1.0
-
-
-def to_uint8(frames: Tensor) -> Tensor:
-    """Float [0, 1] frames -> uint8 [0, 255] (rounded, clamped)."""
-    return (frames.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+__all__ = ["CausalTokenizer", "TokenizerLoss", "RunningRMS"]
 
 
 def spatial_masks(patches: int, latents: int) -> tuple[Tensor, Tensor]:
