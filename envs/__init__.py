@@ -21,7 +21,7 @@ if "worldflow/WorldModel-v0" not in gymnasium.registry:
 
 from .catch import CatchEnv  # noqa: E402  (registration first: the modules below may call make)
 from .policies import POLICY_KINDS, make_policy  # noqa: E402
-from .wrappers import ActionRepeat, Episode, PixelObservation, RecordEpisode, make_env  # noqa: E402
+from .wrappers import ActionRepeat, EpisodeRecord, PixelObservation, RecordEpisode, make_env  # noqa: E402
 
 
 def object_reader(env_id: str | None):
@@ -40,7 +40,7 @@ __all__ = [
     "POLICY_KINDS",
     "ActionRepeat",
     "CatchEnv",
-    "Episode",
+    "EpisodeRecord",
     "PixelObservation",
     "RecordEpisode",
     "make_env",

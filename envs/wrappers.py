@@ -131,8 +131,9 @@ class ActionRepeat(gymnasium.Wrapper, RecordConstructorArgs):
 
 
 @dataclass
-class Episode:
-    """One episode in memory.
+class EpisodeRecord:
+    """One episode as :class:`RecordEpisode` records it, growing step by step (lists, not arrays; a
+    dataset's loaded episode is :class:`worldflow.data.episodes.Episode`).
 
     ``frames`` holds T + 1 observations (the reset observation, then one per step; for pixel envs each is
     ``uint8 (H, W, 3)``); ``actions`` and ``rewards`` hold T entries. ``frames[t + 1]`` is the result
@@ -177,12 +178,12 @@ class RecordEpisode(gymnasium.Wrapper, RecordConstructorArgs):
     def __init__(self, env: gymnasium.Env) -> None:
         RecordConstructorArgs.__init__(self)
         gymnasium.Wrapper.__init__(self, env)
-        self.current_episode = Episode()
-        self.last_episode: Episode | None = None
+        self.current_episode = EpisodeRecord()
+        self.last_episode: EpisodeRecord | None = None
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(**kwargs)
-        self.current_episode = Episode(frames=[np.array(obs, copy=True)])
+        self.current_episode = EpisodeRecord(frames=[np.array(obs, copy=True)])
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
