@@ -6,10 +6,17 @@ All functions take float tensors (..., H, W, 3) in [0, 1] and reduce over the la
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from worldflow.data.pixels import to_unit
+
+# frames (..., S, S, 3) uint8 or float [0, 1] -> {object name: bool cell grid (..., rows, cols)}; an env's
+# reader (worldflow.envs.object_reader) scores where the objects are, which PSNR does not
+ObjectReader = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, max_val: float = 1.0, eps: float = 1e-10) -> torch.Tensor:

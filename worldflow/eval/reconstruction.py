@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from worldflow.eval.metrics import object_match, psnr, ssim
+from worldflow.eval.metrics import ObjectReader, object_match, psnr, ssim
 from worldflow.tokenizer.model import CausalTokenizer
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tok: CausalTokenizer, frames: torch.Tensor, batch: int = 16, reader=None
-                       ) -> dict[str, Any]:
+def evaluate_tokenizer(tok: CausalTokenizer, frames: torch.Tensor, batch: int = 16,
+                       reader: ObjectReader | None = None) -> dict[str, Any]:
     """Reconstruction PSNR/SSIM of uint8 clips (N, T, H, W, 3); returns means and the reconstructions.
 
     With an object reader (worldflow.envs.object_reader) also ``objects``: {object: fraction of frames

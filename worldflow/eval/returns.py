@@ -7,6 +7,7 @@ reads the agent-token features of that frame. N episodes run in lockstep as one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from worldflow.agent.model import AgentModel, features
 from worldflow.data.spaces import indices_to_values
 from worldflow.dynamics import RolloutStream
 from worldflow.run import Run
+from worldflow.tokenizer.model import CausalTokenizer
 
 
 class WorldModelAgent:
     """Batched policy over real pixel observations (B, H, W, 3) uint8, perceiving through the world model."""
 
-    def __init__(self, tok, model: AgentModel, batch: int, sample: bool = True, seed: int = 0):
+    def __init__(self, tok: CausalTokenizer, model: AgentModel, batch: int, sample: bool = True,
+                 seed: int = 0):
         self.tok, self.model, self.batch, self.sample = tok, model, batch, sample
         self.device = next(model.parameters()).device
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -50,8 +53,8 @@ class WorldModelAgent:
         return np.asarray(heads.spec.to_env(a.cpu()))
 
 
-def run_episodes(env_id: str, size: int, episodes: int, act_fn, seed: int, progress: bool = True,
-                 max_steps: int = 10_000, record: bool = False) -> dict[str, Any]:
+def run_episodes(env_id: str, size: int, episodes: int, act_fn: Callable[[np.ndarray], Any], seed: int,
+                 progress: bool = True, max_steps: int = 10_000, record: bool = False) -> dict[str, Any]:
     """Run ``episodes`` real-env episodes in lockstep; ``act_fn(obs (B,H,W,3)) -> actions (B, ...)``.
 
     Returns mean/std return, per-episode returns and lengths, and (record=True) the trajectories.

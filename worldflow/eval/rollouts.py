@@ -30,14 +30,16 @@ import torch
 
 from worldflow.config import Config
 from worldflow.data.clips import ClipBank
-from worldflow.eval.metrics import object_match, psnr, ssim
+from worldflow.eval.metrics import ObjectReader, object_match, psnr, ssim
 from worldflow.eval.visual import comparison_video, plot_curves, write_media
 from worldflow.io import atomic_write_text
+from worldflow.tokenizer.model import CausalTokenizer
 
 DEFAULT_HORIZONS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def decode_rollout(tok, context_latents: torch.Tensor, pred_latents: torch.Tensor) -> torch.Tensor:
+def decode_rollout(tok: CausalTokenizer, context_latents: torch.Tensor, pred_latents: torch.Tensor
+                   ) -> torch.Tensor:
     """Decode predicted latents (B, H, N, D) after their context (B, C, N, D) -> frames (B, H, ...) in [0,1].
 
     The decoder is causal in time, so predicted frames are decoded with the context in front of them.
@@ -49,8 +51,9 @@ def decode_rollout(tok, context_latents: torch.Tensor, pred_latents: torch.Tenso
 class RolloutEvaluator:
     """Scores open-loop rollouts on a fixed set of held-out clips (same clips at every call)."""
 
-    def __init__(self, tok, bank: ClipBank, cfg: Config, device: torch.device,
-                 context: int, horizon: int, clips: int = 32, seed: int = 0, reader=None):
+    def __init__(self, tok: CausalTokenizer, bank: ClipBank, cfg: Config, device: torch.device,
+                 context: int, horizon: int, clips: int = 32, seed: int = 0,
+                 reader: ObjectReader | None = None):
         self.tok, self.cfg, self.device, self.reader = tok, cfg, device, reader
         self._truth_objects: dict | None = None
         self.context, self.horizon = context, horizon
@@ -183,7 +186,7 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     return res
 
 
-def reader_of(data: str | Path):
+def reader_of(data: str | Path) -> ObjectReader | None:
     """The object reader of the dataset's env (worldflow.envs.object_reader), or None."""
     from worldflow.data.episodes import load_manifest
     from worldflow.envs import object_reader
