@@ -1,4 +1,4 @@
-"""``worldflow config show``: the resolved config of a preset one line per field and its doc."""
+"""``worldflow config show``: a preset's resolved config, one line per field with its one-line doc."""
 
 from __future__ import annotations
 

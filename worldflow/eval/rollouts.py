@@ -30,6 +30,7 @@ import torch
 
 from worldflow.config import Config
 from worldflow.data.clips import ClipBank
+from worldflow.dynamics.model import DynamicsModel
 from worldflow.eval.metrics import ObjectReader, object_match, psnr, ssim
 from worldflow.eval.visual import comparison_video, plot_curves, write_media
 from worldflow.io import atomic_write_text
@@ -136,18 +137,18 @@ def _mean_over(m: dict[int, float], horizons: list[int]) -> float:
 
 
 def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: int, clips: int,
-                     seed: int = 0, progress: bool = True) -> tuple[Any, RolloutEvaluator]:
+                     seed: int = 0, progress: bool = True) -> tuple[DynamicsModel, RolloutEvaluator]:
     """A run's dynamics model (eval mode) and a :class:`RolloutEvaluator` over held-out clips of ``data``.
 
     ValueError if ``context`` exceeds the frames the model was trained on."""
     from worldflow.distributed import device_of
-    from worldflow.run import DYNAMICS, Run, latent_bank
+    from worldflow.run import Run, latent_bank
 
     r = Run(run)
-    cfg = r.phase_config(DYNAMICS)
+    model, cfg = r.dynamics()  # the config its checkpoint was trained with
     device = device_of(cfg)
+    model.to(device)
     tok, _ = r.tokenizer(device)
-    model, _ = r.dynamics(device)
     if context > model.cfg.context:
         raise ValueError(f"--context {context} exceeds the context the model was trained for "
                          f"({model.cfg.context} frames)")
