@@ -26,7 +26,7 @@ from worldflow.agent.heads import (
     value_loss,
 )
 from worldflow.agent.twohot import make_bins, symexp, symlog, twohot_encode, twohot_loss, twohot_mean
-from worldflow.config import AgentConfig
+from worldflow.config import AgentConfig, derive
 from worldflow.data.spaces import check_action
 
 CFG = AgentConfig(hidden=16, head_layers=2, mtp=2, bins=21)
@@ -482,7 +482,7 @@ def test_phase2_terms_are_divided_by_their_running_rms():
                for k in PHASE2_TERMS)
     assert torch.allclose(loss2, want, rtol=1e-4)
     assert {f"loss_rms.{k}.mean_sq" for k in PHASE2_TERMS} <= set(model.state_dict())  # checkpointed
-    cfg.agent.loss_norm = False
+    cfg = derive(cfg, **{"agent.loss_norm": False})
     loss3, t3 = bc_losses(model, _phase2_batch(cfg, seed=4), cfg, gen(5))
     assert torch.allclose(loss3, sum(t3[k] for k in PHASE2_TERMS), rtol=1e-5)
 

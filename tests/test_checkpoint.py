@@ -87,8 +87,8 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
 
 
 def test_head_lr_applies_to_heads_only(tmp_path):
-    """train.head_lr sets the peak lr of parameters under ``heads.``; the schedule scales both groups, and
-    weight decay still skips 1-D parameters."""
+    """train.head_lr_scale scales the peak lr of parameters under ``heads.``; the schedule scales both
+    groups, and weight decay still skips 1-D parameters."""
     from worldflow.train.trainer import lr_at, make_optimizer
 
     class WithHeads(torch.nn.Module):
@@ -98,7 +98,7 @@ def test_head_lr_applies_to_heads_only(tmp_path):
             self.heads = torch.nn.Linear(3, 2)
 
     model = WithHeads()
-    cfg = TrainConfig(lr=1e-3, head_lr=4e-3, warmup=2, steps=1, ckpt_every=0, log_every=1)
+    cfg = TrainConfig(lr=1e-3, head_lr_scale=4.0, warmup=2, steps=1, ckpt_every=0, log_every=1)
     opt = make_optimizer(model, cfg)
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     assert by_param[id(model.heads.weight)]["lr_scale"] == pytest.approx(4.0)
@@ -110,4 +110,4 @@ def test_head_lr_applies_to_heads_only(tmp_path):
     t.fit(lambda g: torch.ones(2, 3), lambda m, b, g: ((m.body(b).sum() + m.heads(b).sum()) ** 2, {}))
     lrs = {g["lr_scale"]: g["lr"] for g in t.opt.param_groups}
     assert lrs[4.0] == pytest.approx(4 * lr_at(0, cfg)) and lrs[1.0] == pytest.approx(lr_at(0, cfg))
-    assert make_optimizer(model, TrainConfig(lr=1e-3)).param_groups[0]["lr_scale"] == 1.0  # head_lr 0: off
+    assert make_optimizer(model, TrainConfig(lr=1e-3)).param_groups[0]["lr_scale"] == 1.0  # default: 1

@@ -27,7 +27,7 @@ def test_presets_load(preset):
 def test_presets_never_attend_further_back_than_they_train(preset):
     """Every shipped preset keeps each temporal window within its longest training clip."""
     cfg = load_config(preset)
-    assert cfg.tokenizer.context <= (cfg.tokenizer.clip_len or cfg.data.clip_len)
+    assert cfg.tokenizer.context <= cfg.tokenizer.clip_len
     dyn = cfg.dynamics
     assert dyn.context <= max(cfg.data.clip_len, dyn.long_len if dyn.long_every > 0 else 0)
 
@@ -108,3 +108,63 @@ def test_save_and_read_roundtrip(tmp_path):
 def test_all_presets_are_listed():
     assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} >= {"tiny", "small", "base"}
     assert isinstance(Config(), Config)
+
+
+def _same_as_default(data: dict, default, prefix: str = "") -> list[str]:
+    """Dotted keys of a preset mapping whose value equals the default it would replace."""
+    import dataclasses
+
+    same = []
+    for k, v in data.items():
+        cur = getattr(default, k)
+        if dataclasses.is_dataclass(cur):
+            same += _same_as_default(v, cur, f"{prefix}{k}.")
+        elif k != "preset" and (list(cur) if isinstance(cur, tuple) else cur) == v:
+            same.append(prefix + k)
+    return same
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_presets_state_only_what_differs(preset):
+    """A preset lists only the fields it changes, so reading it shows what makes it that preset."""
+    import yaml
+
+    data = yaml.safe_load((CONFIG_DIR / f"{preset}.yaml").read_text())
+    assert _same_as_default(data, Config()) == []
+
+
+def test_configs_are_frozen_and_derived_not_mutated():
+    import dataclasses
+
+    from worldflow.config import derive
+
+    cfg = load_config("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.size = 32  # type: ignore[misc]
+    new = derive(cfg, **{"data.size": 32, "train_bc.steps": 7, "device": "cuda"})
+    assert (new.data.size, new.train_bc.steps, new.device) == (32, 7, "cuda")
+    assert (cfg.data.size, cfg.train_bc.steps, cfg.device) == (16, 20, "cpu")  # the original is unchanged
+    assert new.data.clip_len == cfg.data.clip_len and new.tokenizer is cfg.tokenizer
+
+
+def test_old_run_configs_with_sentinels_are_upgraded(tmp_path):
+    """config.json of a run written before the '0 = inherit' sentinels were removed still loads."""
+    old = to_dict(load_config("tiny"))
+    old["tokenizer"]["clip_len"] = 0  # meant data.clip_len
+    old["agent"]["imag_steps"] = 0  # meant dynamics.steps
+    for phase in ("train_tokenizer", "train_dynamics", "train_agent"):
+        old[phase].pop("head_lr_scale")
+        old[phase]["head_lr"] = 0.0  # meant lr
+    old["train_bc"].pop("head_lr_scale")
+    old["train_bc"]["head_lr"] = 4 * old["train_bc"]["lr"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = read_config(tmp_path / "config.json")
+    assert cfg.tokenizer.clip_len == cfg.data.clip_len == 6
+    assert cfg.agent.imag_steps == cfg.dynamics.steps == 2
+    assert cfg.train_agent.head_lr_scale == 1.0
+    assert cfg.train_bc.head_lr_scale == pytest.approx(4.0)
+
+
+def test_a_replaced_key_names_its_replacement():
+    with pytest.raises(ConfigError, match="train_bc.head_lr' was replaced: use head_lr_scale"):
+        load_config("tiny", ["train_bc.head_lr=1e-3"])

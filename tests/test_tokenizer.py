@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,13 +14,8 @@ from worldflow.tokenizer.model import CausalTokenizer, RunningRMS, TokenizerLoss
 SIZE = 16
 
 
-
-
 def tiny_cfg(**kw):
-    cfg = copy.deepcopy(load_config("tiny").tokenizer)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return dataclasses.replace(load_config("tiny").tokenizer, **kw)
 
 
 def make(seed=0, **kw) -> CausalTokenizer:

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
     """A configuration key is unknown, or its value has the wrong type."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Episode datasets on disk and clip sampling."""
 
@@ -37,7 +37,7 @@ class DataConfig:
     num_workers: int = 0  # worker processes reading clips from disk (0 = in the main process)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CollectConfig:
     env: str = "worldflow/Catch-v0"  # gymnasium env id episodes are collected from
     episodes: int = 100  # episodes of the main behaviour policy
@@ -49,7 +49,7 @@ class CollectConfig:
     seed: int = 0  # episode k is reset with seed + k
 
 
-@dataclass
+@dataclass(frozen=True)
 class TransformerConfig:
     """Shared space/time transformer (tokenizer and dynamics)."""
 
@@ -66,7 +66,7 @@ class TransformerConfig:
     backend: str = "auto"  # auto | sdpa | math | xformers
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizerConfig:
     transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(temporal_every=1))
     patch: int = 8  # patch size in pixels (frames must divide by it)
@@ -76,11 +76,13 @@ class TokenizerConfig:
     lpips_weight: float = 0.2  # weight of the LPIPS term, used only with lpips_path
     lpips_path: str = ""  # local LPIPS weights; empty = LPIPS off (nothing downloads)
     rms_decay: float = 0.99  # running RMS estimate for loss normalisation
-    clip_len: int = 0  # frames per tokenizer training clip (0 = data.clip_len); short clips train faster
+    hard_patch_weight: float = 0.0  # weight of the worst-patches MSE term (0 = off; not in Dreamer 4)
+    hard_patch_frac: float = 0.0625  # share of each frame's patches, the worst, that the term averages
+    clip_len: int = 16  # frames per tokenizer training clip; short clips train faster
     context: int = 16  # temporal attention window in frames (whole-clip and streaming alike)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DynamicsConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     registers: int = 2  # register tokens per frame
@@ -100,7 +102,7 @@ class DynamicsConfig:
     steps: int = 4  # default sampling steps K at inference
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentConfig:
     """Agent heads and losses (Dreamer 4 agent training; docs/agent.md)."""
 
@@ -117,7 +119,10 @@ class AgentConfig:
     pmpo_beta: float = 0.3  # PMPO weight of the KL to the behaviour-cloned prior
     horizon: int = 16  # imagination rollout length
     imag_batch: int = 32  # imagined rollouts per phase-3 batch
-    imag_steps: int = 0  # K for imagined rollouts in phase 3 (0 = dynamics.steps)
+    # Sampling steps K of imagined rollouts in phase 3. Not 1: on Catch, one-step samples of a respawning
+    # ball are a faint average over the 8 columns, and K = 1 imagination lost every ball after the first
+    # (0.04 imagined reward per 16-step rollout against 0.89 with K = 4); K = 4 costs 5 passes a frame, not 2.
+    imag_steps: int = 4
     # Phase-3 updates per imagined batch. Imagination is nearly all of a phase-3 step's time; each update
     # recomputes values and λ-returns with the current heads, so reuse also lets the value head catch up.
     imag_reuse: int = 1
@@ -129,7 +134,7 @@ class AgentConfig:
     loss_norm_decay: float = 0.99  # decay of those running RMS estimates
 
 
-@dataclass
+@dataclass(frozen=True)
 class OnlineConfig:
     """Dreamer-style online loop: act in the real env, grow the dataset, retrain, repeat."""
 
@@ -141,14 +146,14 @@ class OnlineConfig:
     agent_steps: int = 200  # imagination RL steps per iteration
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings for one training phase."""
 
     steps: int = 1000  # optimiser steps (defines the result; see max_minutes)
     batch: int = 8  # clips per step (global, over all processes)
     lr: float = 3e-4  # peak learning rate (after warm-up, cosine to 10% at the last step)
-    head_lr: float = 0.0  # peak lr of parameters under ``heads.`` (new agent heads); 0 = lr
+    head_lr_scale: float = 1.0  # parameters under ``heads.`` (new agent heads) peak at head_lr_scale * lr
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
     warmup: int = 100  # linear warm-up steps
@@ -168,7 +173,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """Everything a run needs; saved as ``config.json`` in every run directory."""
 
@@ -245,25 +250,31 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def merge(obj: Any, data: dict[str, Any], prefix: str = "") -> Any:
-    """Recursively apply a nested mapping onto a dataclass instance (in place); returns ``obj``."""
+    """A copy of the (frozen) dataclass ``obj`` with a nested mapping applied; ``obj`` is unchanged."""
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
     hints = _hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
+        if k in _RENAMED.get(type(obj).__name__, {}):
+            raise ConfigError(f"config key '{key}' was replaced: {_RENAMED[type(obj).__name__][k]}")
         if k not in names:
             raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
         cur = getattr(obj, k)
-        if dataclasses.is_dataclass(cur):
-            merge(cur, v, key + ".")
-        else:
-            setattr(obj, k, _coerce(v, hints[k], key))
-    return obj
+        changes[k] = merge(cur, v, key + ".") if dataclasses.is_dataclass(cur) else _coerce(v, hints[k], key)
+    return dataclasses.replace(obj, **changes)
 
 
-def apply_override(cfg: Config, override: str) -> None:
-    """Apply one ``dotted.key=value`` override; the value is parsed as YAML (so 3, 0.1, true, [1, 2]).
+# Keys that 0.x releases had and this one replaced: (dataclass name -> key -> what to use instead).
+_RENAMED = {
+    "TrainConfig": {"head_lr": "use head_lr_scale (the heads' peak lr is head_lr_scale * lr)"},
+}
+
+
+def apply_override(cfg: Config, override: str) -> Config:
+    """``cfg`` with one ``dotted.key=value`` override; the value is parsed as YAML (so 3, 0.1, true, [1, 2]).
 
     A string field keeps the raw text when YAML would read it as something else (``name=123``).
     """
@@ -279,7 +290,7 @@ def apply_override(cfg: Config, override: str) -> None:
     for p in parts[:-1]:
         cur = cur.setdefault(p, {})
     cur[parts[-1]] = value
-    merge(cfg, nested)
+    return merge(cfg, nested)
 
 
 def _field_type(obj: Any, parts: list[str]) -> Any:
@@ -307,18 +318,36 @@ def preset_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a Config from defaults, an optional preset (name or YAML path), then overrides."""
+    """Build a frozen Config from defaults, an optional preset (name or YAML path), then overrides."""
     cfg = Config()
     if preset is not None:
         path = preset_path(preset)
         with open(path) as f:
             data = yaml.safe_load(f) or {}
-        merge(cfg, data)
-        if "preset" not in data:
-            cfg.preset = path.stem
+        cfg = merge(cfg, {"preset": path.stem, **data})
     for o in overrides or []:
-        apply_override(cfg, o)
+        cfg = apply_override(cfg, o)
     return cfg
+
+
+def derive(cfg: Any, **changes: Any) -> Any:
+    """A copy of a frozen config with dotted-path fields replaced: ``derive(cfg, **{"data.size": 32})``.
+
+    Configs are never mutated after loading; code that needs another value derives a new config.
+    """
+    nested: dict[str, Any] = {}
+    for path, value in changes.items():
+        *head, last = path.split(".")
+        cur = nested
+        for p in head:
+            cur = cur.setdefault(p, {})
+        cur[last] = value
+    return _replace_nested(cfg, nested)
+
+
+def _replace_nested(obj: Any, nested: dict[str, Any]) -> Any:
+    return dataclasses.replace(obj, **{k: _replace_nested(getattr(obj, k), v) if isinstance(v, dict) else v
+                                       for k, v in nested.items()})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -327,7 +356,28 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    return merge(Config(), data)
+    """The Config a saved ``config.json`` describes (older run directories' sentinels translated)."""
+    return merge(Config(), _upgrade(data))
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Translate a config.json written by worldflow 0.x before the sentinels were removed.
+
+    There ``tokenizer.clip_len`` 0 meant data.clip_len, ``agent.imag_steps`` 0 meant dynamics.steps and a
+    phase's ``head_lr`` 0 meant its lr (else an absolute lr, now ``head_lr_scale`` = head_lr / lr).
+    """
+    data = json.loads(json.dumps(data))  # a deep copy of plain JSON
+    tok, agent = data.get("tokenizer", {}), data.get("agent", {})
+    if tok.get("clip_len") == 0:
+        tok["clip_len"] = data.get("data", {}).get("clip_len", DataConfig.clip_len)
+    if agent.get("imag_steps") == 0:
+        agent["imag_steps"] = data.get("dynamics", {}).get("steps", DynamicsConfig.steps)
+    for phase in ("train_tokenizer", "train_dynamics", "train_bc", "train_agent"):
+        tc = data.get(phase, {})
+        if "head_lr" in tc:
+            head_lr, lr = tc.pop("head_lr"), tc.get("lr", TrainConfig.lr)
+            tc["head_lr_scale"] = head_lr / lr if head_lr > 0 else 1.0
+    return data
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -72,9 +72,7 @@ def _count_flops(fn: Callable[[], Any], forward: Callable[[], Any] | None = None
 
 
 def _bench_config(preset: str) -> Config:
-    cfg = load_config(preset)
-    cfg.device = "cpu"
-    return cfg
+    return load_config(preset, ["device=cpu"])
 
 
 def tokenizer_throughput(preset: str, batch: int, frames: int, min_time: float) -> dict[str, float]:
@@ -206,14 +204,14 @@ def demo_phase_steps(preset: str = "small", min_time: float = 3.0) -> dict[str, 
 
         return step
 
-    tc, tb = cfg.train_tokenizer, cfg.tokenizer.clip_len or cfg.data.clip_len
+    tc, tb = cfg.train_tokenizer, cfg.tokenizer.clip_len
     tok = TokenizerTraining(cfg)
     frames = torch.randint(0, 256, (tc.batch, tb, size, size, 3), dtype=torch.uint8)
     dyn_b = clip(cfg.train_dynamics.batch, cfg.data.clip_len)
     agent = AgentModel(cfg, space)
     bc_b = clip(cfg.train_bc.batch, cfg.data.clip_len)
     ctx = clip(cfg.agent.imag_batch, max(1, min(cfg.data.clip_len, cfg.dynamics.context - 1)))
-    k = cfg.agent.imag_steps or cfg.dynamics.steps
+    k = cfg.agent.imag_steps
     steps = {
         "tokenizer": train_step(tok, lambda: tok(frames)[0]),
         "dynamics": train_step(agent.dynamics, lambda: dynamics_loss(

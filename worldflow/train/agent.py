@@ -25,7 +25,7 @@ from worldflow.agent.heads import (
 from worldflow.agent.model import AgentModel, imagine
 from worldflow.agent.twohot import twohot_mean
 from worldflow.checkpoint import load_weights
-from worldflow.config import Config, to_dict
+from worldflow.config import Config, derive, to_dict
 from worldflow.data.clips import ClipBank
 from worldflow.data.spaces import values_to_indices
 from worldflow.distributed import device_of
@@ -128,7 +128,7 @@ def train_imagination(cfg: Config, data, run, resume: bool = True, progress: boo
     trainer = Trainer(model, cfg.train_agent, run, "agent", to_dict(bc_cfg), progress=progress)
     context = max(1, min(cfg.data.clip_len, bc_cfg.dynamics.context - 1))
 
-    reuse, steps = cfg.agent.imag_reuse, cfg.agent.imag_steps or bc_cfg.dynamics.steps
+    reuse, steps = cfg.agent.imag_reuse, cfg.agent.imag_steps
     held: dict[str, Any] = {}
 
     def batch_fn(gen: torch.Generator):
@@ -162,15 +162,17 @@ def online_loop(cfg: Config, data, run, env_id: str, progress: bool = True) -> l
     from worldflow.train import tokenizer as train_tokenizer
 
     on = cfg.online
+    extra = {"train_tokenizer": on.tokenizer_steps, "train_dynamics": on.dynamics_steps,
+             "train_bc": on.bc_steps, "train_agent": on.agent_steps}
     history = []
     for it in range(on.iterations):
         seed = cfg.collect.seed + 10_000 * (it + 1)
         collect_with_policy(run, env_id, data, on.episodes_per_iter, seed=seed, progress=progress)
-        for tc, extra in ((cfg.train_tokenizer, on.tokenizer_steps), (cfg.train_dynamics, on.dynamics_steps),
-                          (cfg.train_bc, on.bc_steps), (cfg.train_agent, on.agent_steps)):
-            tc.steps += extra
-            tc.max_minutes = 0.0
-        train_tokenizer.train(cfg, data, run, progress=progress)
-        train_dynamics.train(cfg, data, run, progress=progress)
-        history.append(train_offline(cfg, data, run, progress=progress))
+        # iteration it trains every phase to its preset budget plus (it + 1) rounds of fine-tuning steps
+        it_cfg = derive(cfg, **{f"{phase}.steps": getattr(cfg, phase).steps + (it + 1) * n
+                                for phase, n in extra.items()},
+                        **{f"{phase}.max_minutes": 0.0 for phase in extra})
+        train_tokenizer.train(it_cfg, data, run, progress=progress)
+        train_dynamics.train(it_cfg, data, run, progress=progress)
+        history.append(train_offline(it_cfg, data, run, progress=progress))
     return history

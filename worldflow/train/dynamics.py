@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from worldflow.config import Config, to_dict, warn_if_window_exceeds_training
+from worldflow.config import Config, derive, to_dict, warn_if_window_exceeds_training
 from worldflow.distributed import device_of
 from worldflow.dynamics import DynamicsModel, dynamics_loss
 from worldflow.dynamics.model import build_dynamics
@@ -40,7 +40,7 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     device = device_of(cfg)
     tok, tok_cfg = load_tokenizer(run, device)
     # The tokenizer fixes the latent shape and frame size: the dynamics model must agree with it.
-    cfg.tokenizer, cfg.data.size = tok_cfg.tokenizer, tok_cfg.data.size
+    cfg = derive(cfg, tokenizer=tok_cfg.tokenizer, **{"data.size": tok_cfg.data.size})
     start_phase(run, PHASE, cfg)
     record_dataset(run, data)
     torch.manual_seed(cfg.train_dynamics.seed)

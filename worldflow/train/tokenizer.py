@@ -40,7 +40,7 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     device = device_of(cfg)
     train_bank = ClipBank.load(data, cfg.data, split="train", progress=progress)
     held = ClipBank.load(data, cfg.data, split="heldout", progress=progress)
-    clip_len = cfg.tokenizer.clip_len or cfg.data.clip_len
+    clip_len = cfg.tokenizer.clip_len
     warn_if_window_exceeds_training("tokenizer", cfg.tokenizer.context, clip_len)
     eval_frames = held.fixed_clips(n=32, clip_len=cfg.data.clip_len).to(device)
     reader = reader_of(data)

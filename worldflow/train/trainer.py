@@ -39,9 +39,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     """AdamW with weight decay on matrices only (norm gains, biases and embeddings of size 1-D excluded).
 
     Each group carries ``lr_scale``: parameters under ``heads.`` (agent heads freshly added to a pretrained
-    backbone) run at ``cfg.head_lr`` when it is set, the rest at ``cfg.lr``; the schedule scales both.
+    backbone) peak at ``cfg.head_lr_scale * cfg.lr``, the rest at ``cfg.lr``; the schedule scales both.
     """
-    head_scale = cfg.head_lr / cfg.lr if cfg.head_lr > 0 else 1.0
+    head_scale = cfg.head_lr_scale
     groups = []
     for is_head in (False, True):
         params = [p for n, p in model.named_parameters()
