@@ -166,5 +166,7 @@ def test_old_run_configs_with_sentinels_are_upgraded(tmp_path):
 
 
 def test_a_replaced_key_names_its_replacement():
-    with pytest.raises(ConfigError, match="train_bc.head_lr' was replaced: use head_lr_scale"):
+    with pytest.raises(ConfigError, match="train_bc.head_lr' was replaced by head_lr_scale"):
         load_config("tiny", ["train_bc.head_lr=1e-3"])
+    with pytest.raises(ConfigError, match="data.cross_episode' was removed"):
+        load_config("tiny", ["data.cross_episode=true"])

@@ -21,8 +21,6 @@ from worldflow.dynamics import (
 N, D = 4, 3  # latent tokens, latent dim
 
 
-
-
 def tiny_cfg(**kw) -> DynamicsConfig:
     t = TransformerConfig(width=16, depth=2, heads=2, kv_heads=1, temporal_every=2)
     base = dict(transformer=t, registers=1, agent_tokens=2, num_tasks=3, k_max=8, context=3, steps=2)

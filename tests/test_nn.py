@@ -20,8 +20,6 @@ from worldflow.nn import (
 ATOL = 1e-5
 
 
-
-
 def naive_attention(q, k, v, mask=None, softcap=0.0):
     """Textbook reference: repeat kv heads, explicit logits, cap, mask, softmax; empty rows -> 0."""
     g = q.shape[1] // k.shape[1]

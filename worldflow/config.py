@@ -33,8 +33,8 @@ class DataConfig:
     clip_len: int = 16  # frames per training clip
     holdout_fraction: float = 0.1  # share of episodes held out (by episode, deterministic)
     on_corrupt: str = "error"  # "error" | "skip": what a broken video file does
-    cross_episode: bool = False  # allow clips to span episode boundaries
-    num_workers: int = 0  # worker processes reading clips from disk (0 = in the main process)
+    num_workers: int = 0  # worker processes decoding streamed clips (0 = in the main process)
+    memory_mb: float = 4096.0  # a split whose decoded frames exceed this many MiB is streamed from disk
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ def merge(obj: Any, data: dict[str, Any], prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k in _RENAMED.get(type(obj).__name__, {}):
-            raise ConfigError(f"config key '{key}' was replaced: {_RENAMED[type(obj).__name__][k]}")
+            raise ConfigError(f"config key '{key}' {_RENAMED[type(obj).__name__][k]}")
         if k not in names:
             raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
         cur = getattr(obj, k)
@@ -267,9 +267,11 @@ def merge(obj: Any, data: dict[str, Any], prefix: str = "") -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-# Keys that 0.x releases had and this one replaced: (dataclass name -> key -> what to use instead).
+# Keys that earlier 0.x releases had: dataclass name -> key -> what became of it (ends the error line).
 _RENAMED = {
-    "TrainConfig": {"head_lr": "use head_lr_scale (the heads' peak lr is head_lr_scale * lr)"},
+    "DataConfig": {"cross_episode": "was removed: it was read by nothing (training clips never cross "
+                                    "episodes; worldflow.data.dataset.ClipDataset(cross_episode=True) can)"},
+    "TrainConfig": {"head_lr": "was replaced by head_lr_scale (the heads' peak lr is head_lr_scale * lr)"},
 }
 
 
@@ -367,6 +369,7 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
     phase's ``head_lr`` 0 meant its lr (else an absolute lr, now ``head_lr_scale`` = head_lr / lr).
     """
     data = json.loads(json.dumps(data))  # a deep copy of plain JSON
+    data.get("data", {}).pop("cross_episode", None)
     tok, agent = data.get("tokenizer", {}), data.get("agent", {})
     if tok.get("clip_len") == 0:
         tok["clip_len"] = data.get("data", {}).get("clip_len", DataConfig.clip_len)

@@ -30,7 +30,7 @@ from worldflow.agent.heads import AgentHeads
 from worldflow.agent.model import AgentModel
 from worldflow.checkpoint import CheckpointError, latest_checkpoint, load_weights, read_meta
 from worldflow.config import Config, from_dict, read_config, save_config
-from worldflow.data.clips import ClipBank
+from worldflow.data.clips import ClipBank, load_clips
 from worldflow.dynamics.model import DynamicsModel, build_dynamics
 from worldflow.io import atomic_path
 from worldflow.tokenizer.model import CausalTokenizer, TokenizerTraining
@@ -159,7 +159,7 @@ def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok:
     if path.exists():
         saved = torch.load(path, weights_only=False)
         return ClipBank(saved["episodes"], saved["ids"])
-    frames = ClipBank.load(data, cfg.data, split=split, progress=progress)
+    frames = load_clips(data, cfg.data, split=split, progress=progress)  # streamed if it is too large
     bank = frames.map(lambda f: encode_frames(tok, f), "frames", "latents", progress=progress)
     with atomic_path(path) as tmp:  # a unique temporary: every torchrun process may write the cache
         torch.save({"episodes": bank.episodes, "ids": bank.ids}, tmp)

@@ -22,16 +22,6 @@ from worldflow.train.trainer import Trainer
 PHASE = "dynamics"
 
 
-
-
-
-
-
-
-
-
-
-
 def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, progress: bool = True
           ) -> dict[str, Any]:
     from worldflow.eval.rollouts import RolloutEvaluator, reader_of, with_frames

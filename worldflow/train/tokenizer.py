@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from worldflow.config import Config, to_dict, warn_if_window_exceeds_training
-from worldflow.data.clips import ClipBank
+from worldflow.data.clips import load_clips
 from worldflow.distributed import device_of
 from worldflow.eval.reconstruction import evaluate_tokenizer
 from worldflow.eval.visual import comparison_video, write_media
@@ -21,12 +21,6 @@ from worldflow.tokenizer.model import TokenizerTraining
 from worldflow.train.trainer import Trainer
 
 PHASE = "tokenizer"
-
-
-
-
-
-
 
 
 def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, progress: bool = True
@@ -38,8 +32,8 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     record_dataset(run, data)
     torch.manual_seed(cfg.train_tokenizer.seed)
     device = device_of(cfg)
-    train_bank = ClipBank.load(data, cfg.data, split="train", progress=progress)
-    held = ClipBank.load(data, cfg.data, split="heldout", progress=progress)
+    train_bank = load_clips(data, cfg.data, split="train", progress=progress)
+    held = load_clips(data, cfg.data, split="heldout", progress=progress)
     clip_len = cfg.tokenizer.clip_len
     warn_if_window_exceeds_training("tokenizer", cfg.tokenizer.context, clip_len)
     eval_frames = held.fixed_clips(n=32, clip_len=cfg.data.clip_len).to(device)
