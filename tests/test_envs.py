@@ -295,3 +295,46 @@ def test_catch_read_objects_recovers_state():
     assert not read_objects(np.zeros((2, 32, 32, 3), np.uint8))["ball"].any()
     with pytest.raises(ValueError, match="divisible"):
         read_objects(np.zeros((30, 30, 3), np.uint8))
+
+
+class _Counter(gymnasium.Env):
+    """obs = [seed, t]; reward = 10 * t + action; terminates after ``seed`` steps."""
+
+    observation_space = spaces.Box(-1e9, 1e9, (2,), np.float64)
+    action_space = spaces.Discrete(5)
+
+    def reset(self, *, seed=None, options=None):
+        self.n, self.t = seed, 0
+        return np.array([seed, 0.0]), {}
+
+    def step(self, action):
+        assert self.t < self.n, "stepped after the episode ended"
+        reward = 10.0 * self.t + action
+        self.t += 1
+        return np.array([self.n, float(self.t)]), reward, self.t == self.n, False, {}
+
+
+def test_play_episodes_aligns_frames_actions_rewards_and_caps_by_truncation():
+    """The one episode loop: lockstep over envs of different lengths, each env stepped only while its
+    episode runs, frames[t + 1] the result of actions[t] which earned rewards[t], the cap truncates."""
+    from worldflow.envs.loop import play_episodes
+
+    envs = [_Counter() for _ in range(3)]
+    seen = []
+
+    def act(obs):  # batched: always all rows; action = t % 5 (readable from the observation)
+        seen.append(obs.shape)
+        return (obs[:, 1] % 5).astype(np.int64)
+
+    ended = []
+    played = play_episodes(envs, act, seeds=[2, 5, 9], max_steps=6, record=True, on_end=ended.append)
+    assert played.lengths.tolist() == [2, 5, 6] and sorted(ended) == [0, 1, 2]
+    assert set(seen) == {(3, 2)} and len(seen) == 6
+    for rec, n in zip(played.records, [2, 5, 6], strict=True):
+        assert len(rec.frames) == n + 1 and len(rec.actions) == n
+        assert [f[1] for f in rec.frames] == list(range(n + 1))
+        assert rec.actions == [t % 5 for t in range(n)]
+        assert rec.rewards == [10.0 * t + t % 5 for t in range(n)]
+    assert played.returns.tolist() == [sum(r.rewards) for r in played.records]
+    flags = [(r.terminated, r.truncated) for r in played.records]
+    assert flags == [(True, False), (True, False), (False, True)]  # the 9-step episode hit the cap at 6

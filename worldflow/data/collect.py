@@ -50,18 +50,13 @@ def run_episode(
 ) -> dict:
     """Play one episode (reset with ``seed``, at most ``max_steps`` steps) and store it; returns its entry.
 
-    Hitting ``max_steps`` marks the last transition truncated.
+    Hitting ``max_steps`` marks the last transition truncated (worldflow.envs.loop.play_episodes).
     """
-    obs, _ = env.reset(seed=seed)
-    ep = writer.episode(_check_obs(obs, size, env_id), seed=seed)
-    for t in range(max_steps):
-        action = policy(obs)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        truncated = bool(truncated) or (t == max_steps - 1 and not terminated)
-        ep.step(action, _check_obs(obs, size, env_id), float(reward), bool(terminated), truncated)
-        if terminated or truncated:
-            break
-    return ep.commit()
+    from worldflow.envs.loop import per_env, play_episodes
+
+    played = play_episodes([env], per_env([policy]), [seed], max_steps, record=True,
+                           check_obs=lambda o: _check_obs(o, size, env_id))
+    return writer.add_record(played.records[0], seed=seed)
 
 
 def collect(

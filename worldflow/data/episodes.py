@@ -24,12 +24,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from worldflow.data.spaces import action_dtype, action_shape, space_to_dict
 from worldflow.io import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from worldflow.envs.wrappers import EpisodeRecord
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -305,6 +308,16 @@ class DatasetWriter:
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_text(manifest_path(self.root), json.dumps(self.manifest, indent=1, allow_nan=False))
 
+    def add_record(self, record: EpisodeRecord, **info: Any) -> dict[str, Any]:
+        """Store an :class:`~worldflow.envs.EpisodeRecord` (the episode loop's and RecordEpisode's record):
+        its final flags become the per-step ones of the last transition. Returns the manifest entry."""
+        sp = self.manifest["action_space"]
+        t = len(record)
+        actions = np.stack(record.actions) if t else np.zeros((0, *action_shape(sp)), action_dtype(sp))
+        last = np.arange(t) == t - 1
+        return self.add_episode(np.stack(record.frames), actions, np.asarray(record.rewards, np.float32),
+                                last & record.terminated, last & record.truncated, **info)
+
     def episode(self, first_obs: np.ndarray, **info: Any) -> EpisodeWriter:
         """Start recording an episode step by step from its first observation (see EpisodeWriter)."""
         return EpisodeWriter(self, first_obs, **info)
@@ -315,39 +328,33 @@ class EpisodeWriter:
 
     ``w = writer.episode(obs0)``; after each env step ``w.step(action, obs, reward, terminated,
     truncated)``; finally ``w.commit()`` (stores it, returns the manifest entry). Nothing touches the
-    disk before ``commit``, so an abandoned episode leaves no trace.
+    disk before ``commit``, so an abandoned episode leaves no trace. The episode grows as an
+    :class:`~worldflow.envs.EpisodeRecord` (``w.record``).
     """
 
     def __init__(self, dataset: DatasetWriter, first_obs: np.ndarray, **info: Any):
-        self.dataset = dataset
-        self.info = info
-        self.frames = [np.asarray(first_obs)]
-        self.actions: list[Any] = []
-        self.rewards: list[float] = []
-        self.terminated: list[bool] = []
-        self.truncated: list[bool] = []
+        from worldflow.envs.wrappers import EpisodeRecord
+
+        self.dataset, self.info = dataset, info
+        self.record = EpisodeRecord(frames=[np.asarray(first_obs)])
 
     def __len__(self) -> int:
-        return len(self.actions)
+        return len(self.record)
 
     def step(
         self, action: Any, next_obs: np.ndarray, reward: float, terminated: bool, truncated: bool
     ) -> None:
         """Record ``action`` taken at the latest observation, and what it led to."""
-        self.actions.append(np.asarray(action))
-        self.frames.append(np.asarray(next_obs))
-        self.rewards.append(float(reward))
-        self.terminated.append(bool(terminated))
-        self.truncated.append(bool(truncated))
+        rec = self.record
+        if rec.done:
+            raise ValueError("this episode already ended (terminated or truncated); commit it and start another")
+        rec.actions.append(np.asarray(action))
+        rec.frames.append(np.asarray(next_obs))
+        rec.rewards.append(float(reward))
+        rec.terminated, rec.truncated = bool(terminated), bool(truncated)
 
     def commit(self) -> dict[str, Any]:
-        sp = self.dataset.manifest["action_space"]
-        actions = (
-            np.stack(self.actions) if self.actions else np.zeros((0, *action_shape(sp)), action_dtype(sp))
-        )
-        return self.dataset.add_episode(
-            np.stack(self.frames), actions, self.rewards, self.terminated, self.truncated, **self.info
-        )
+        return self.dataset.add_record(self.record, **self.info)
 
 
 def holdout_episodes(entries: list[dict[str, Any]], fraction: float, seed: int = 0) -> set[int]:

@@ -55,47 +55,27 @@ class WorldModelAgent:
 
 def run_episodes(env_id: str, size: int, episodes: int, act_fn: Callable[[np.ndarray], Any], seed: int,
                  progress: bool = True, max_steps: int = 10_000, record: bool = False) -> dict[str, Any]:
-    """Run ``episodes`` real-env episodes in lockstep; ``act_fn(obs (B,H,W,3)) -> actions (B, ...)``.
+    """Run ``episodes`` real-env episodes in lockstep (env i reset with seed + i);
+    ``act_fn(obs (B,H,W,3)) -> actions (B, ...)``.
 
-    Returns mean/std return, per-episode returns and lengths, and (record=True) the trajectories.
+    Returns mean/std return, per-episode returns and lengths, and (record=True) ``records``, one
+    :class:`~worldflow.envs.EpisodeRecord` per episode.
     """
+    from worldflow.envs.loop import play_episodes
     from worldflow.envs.wrappers import make_env
 
     envs = [make_env(env_id, size=size) for _ in range(episodes)]
-    obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)])
-    done = np.zeros(episodes, bool)
-    returns, lengths = np.zeros(episodes), np.zeros(episodes, int)
-    traj = [{"frames": [obs[i]], "actions": [], "rewards": [], "terminated": [], "truncated": []}
-            for i in range(episodes)]
     bar = tqdm(total=episodes, desc=f"{env_id} episodes", disable=not progress, leave=False)
-    for _ in range(max_steps):
-        actions = act_fn(obs)
-        for i, env in enumerate(envs):
-            if done[i]:
-                continue
-            o, r, term, trunc, _ = env.step(actions[i].item() if np.ndim(actions[i]) == 0 else actions[i])
-            returns[i] += r
-            lengths[i] += 1
-            obs[i] = o
-            if record:
-                t = traj[i]
-                t["frames"].append(o)
-                t["actions"].append(actions[i])
-                t["rewards"].append(r)
-                t["terminated"].append(term)
-                t["truncated"].append(trunc)
-            if term or trunc:
-                done[i] = True
-                bar.update(1)
-        if done.all():
-            break
-    bar.close()
-    for e in envs:
-        e.close()
-    out = {"mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist(),
-           "lengths": lengths.tolist()}
+    try:
+        played = play_episodes(envs, act_fn, [seed + i for i in range(episodes)], max_steps, record=record,
+                               on_end=lambda i: bar.update(1))
+    finally:
+        bar.close()
+        for e in envs:
+            e.close()
+    out = played.summary()
     if record:
-        out["trajectories"] = traj
+        out["records"] = played.records
     return out
 
 
@@ -116,6 +96,7 @@ def policy_returns(run, env_id: str, episodes: int, phase: str | None, sample: b
 
 def baseline_returns(env_id: str, size: int, episodes: int, kind: str, seed: int) -> dict[str, Any] | None:
     """Returns of a scripted policy (random | expert | epsilon-expert); None when the env has no expert."""
+    from worldflow.envs.loop import per_env, play_episodes
     from worldflow.envs.policies import make_policy
     from worldflow.envs.wrappers import make_env
 
@@ -124,15 +105,11 @@ def baseline_returns(env_id: str, size: int, episodes: int, kind: str, seed: int
         env.close()
         return None
     policy = make_policy(kind, env, seed=seed)  # the expert reads its env's state, so one env, in turn
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            obs, r, term, trunc, _ = env.step(policy(obs))
-            total, done = total + float(r), term or trunc
-        returns.append(total)
-    env.close()
+    try:
+        returns = [play_episodes([env], per_env([policy]), [seed + i], 10_000).returns[0]
+                   for i in range(episodes)]
+    finally:
+        env.close()
     r = np.asarray(returns)
     return {"mean": float(r.mean()), "std": float(r.std()), "returns": r.tolist()}
 
@@ -145,7 +122,5 @@ def collect_with_policy(run, env_id: str, data, episodes: int, seed: int, progre
     m = load_manifest(data)
     res = policy_returns(run, env_id, episodes, None, True, seed, progress, record=True)
     writer = DatasetWriter(Path(data), m["env_id"], space_from_dict(m["action_space"]))
-    for t in res["trajectories"]:
-        writer.add_episode(np.stack(t["frames"]), np.asarray(t["actions"]),
-                           np.asarray(t["rewards"], np.float32), np.asarray(t["terminated"], bool),
-                           np.asarray(t["truncated"], bool), policy="agent")
+    for i, rec in enumerate(res["records"]):
+        writer.add_record(rec, policy="agent", seed=seed + i)
