@@ -24,6 +24,8 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
+from worldflow.errors import InputError
+
 GRID = 8  # internal grid is GRID × GRID cells; each cell is size // GRID pixels
 PADDLE_HALF = 1  # paddle covers columns [centre - 1, centre + 1]
 PADDLE_ROW = GRID - 1
@@ -77,11 +79,11 @@ class CatchEnv(gymnasium.Env):
         render_mode: str | None = None,
     ) -> None:
         if size < GRID:
-            raise ValueError(f"CatchEnv: size must be >= {GRID} pixels, got {size}")
+            raise InputError(f"CatchEnv: size must be >= {GRID} pixels, got {size}")
         if num_balls < 1 or max_misses < 1:
-            raise ValueError(f"CatchEnv: num_balls, max_misses must be >= 1, got {num_balls}, {max_misses}")
+            raise InputError(f"CatchEnv: num_balls, max_misses must be >= 1, got {num_balls}, {max_misses}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"CatchEnv: unsupported render_mode {render_mode!r}; use 'rgb_array' or None")
+            raise InputError(f"CatchEnv: unsupported render_mode {render_mode!r}; use 'rgb_array' or None")
         self.size = size
         self.num_balls = num_balls
         self.max_misses = max_misses
@@ -112,7 +114,7 @@ class CatchEnv(gymnasium.Env):
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, int]]:
         if not self.action_space.contains(action):
-            raise ValueError(f"CatchEnv: invalid action {action!r}; expected 0 (left), 1 (stay) or 2 (right)")
+            raise InputError(f"CatchEnv: invalid action {action!r}; expected 0 (left), 1 (stay) or 2 (right)")
         if self._frame is None:
             raise RuntimeError("CatchEnv: call reset() before step()")
         self._move_paddle(int(action))

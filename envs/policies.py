@@ -14,6 +14,8 @@ from typing import Any
 import gymnasium
 import numpy as np
 
+from worldflow.errors import InputError
+
 POLICY_KINDS = ("random", "expert", "epsilon-expert")
 
 Policy = Callable[[Any], Any]
@@ -34,14 +36,14 @@ def make_policy(kind: str, env: gymnasium.Env, epsilon: float = 0.3, seed: int |
             ``expert_action()``.
     """
     if kind not in POLICY_KINDS:
-        raise ValueError(f"unknown policy kind {kind!r}; expected one of {', '.join(POLICY_KINDS)}")
+        raise InputError(f"unknown policy kind {kind!r}; expected one of {', '.join(POLICY_KINDS)}")
     if kind == "random":
         return _random_policy(env, seed)
     expert = _expert_fn(env)
     if kind == "expert":
         return lambda obs: expert()
     if not 0.0 <= epsilon <= 1.0:
-        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        raise InputError(f"epsilon must be in [0, 1], got {epsilon}")
     return _epsilon_policy(env, expert, epsilon, seed)
 
 
@@ -55,7 +57,7 @@ def _random_policy(env: gymnasium.Env, seed: int | None) -> Policy:
 def _expert_fn(env: gymnasium.Env) -> Callable[[], Any]:
     expert = getattr(env.unwrapped, "expert_action", None)
     if not callable(expert):
-        raise ValueError(
+        raise InputError(
             f"environment {_env_name(env)} has no scripted expert (env.unwrapped.expert_action()); "
             f"use policy kind 'random' or an env that provides one, e.g. worldflow/Catch-v0"
         )

@@ -23,6 +23,8 @@ from gymnasium import spaces
 from gymnasium.utils import RecordConstructorArgs
 from PIL import Image  # a dependency of matplotlib, which worldflow already requires
 
+from worldflow.errors import InputError, WorldflowError
+
 from . import CATCH_ID
 
 # ---------------------------------------------------------------------------------------------- frames
@@ -46,7 +48,7 @@ def to_rgb(frame: np.ndarray) -> np.ndarray:
     if frame.ndim == 2:
         frame = frame[..., None]
     if frame.ndim != 3 or frame.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an image (H, W[, 1|3|4]), got shape {frame.shape}")
+        raise InputError(f"expected an image (H, W[, 1|3|4]), got shape {frame.shape}")
     frame = frame[..., :3] if frame.shape[-1] != 1 else np.repeat(frame, 3, axis=-1)
     if frame.dtype != np.uint8:
         scale = 255.0 if np.issubdtype(frame.dtype, np.floating) and frame.max(initial=0) <= 1.0 else 1.0
@@ -87,11 +89,11 @@ class PixelObservation(gymnasium.ObservationWrapper, RecordConstructorArgs):
         RecordConstructorArgs.__init__(self, size=size)
         gymnasium.ObservationWrapper.__init__(self, env)
         if size < 1:
-            raise ValueError(f"PixelObservation: size must be >= 1, got {size}")
+            raise InputError(f"PixelObservation: size must be >= 1, got {size}")
         self.size = size
         self.from_render = not _is_image_space(env.observation_space)
         if self.from_render and env.render_mode != "rgb_array":
-            raise ValueError(
+            raise InputError(
                 f"PixelObservation: environment {_env_name(env)} has non-image observations "
                 f"({env.observation_space}) and render_mode={env.render_mode!r}; create it with "
                 f"render_mode='rgb_array' so frames can be rendered"
@@ -116,7 +118,7 @@ class ActionRepeat(gymnasium.Wrapper, RecordConstructorArgs):
         RecordConstructorArgs.__init__(self, k=k)
         gymnasium.Wrapper.__init__(self, env)
         if k < 1:
-            raise ValueError(f"ActionRepeat: k must be >= 1, got {k}")
+            raise InputError(f"ActionRepeat: k must be >= 1, got {k}")
         self.k = k
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
@@ -201,7 +203,7 @@ class RecordEpisode(gymnasium.Wrapper, RecordConstructorArgs):
 # -------------------------------------------------------------------------------------------- make_env
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(WorldflowError, ImportError):
     """An environment family needs an optional dependency that is not installed."""
 
 
@@ -240,7 +242,7 @@ def _check_known(env_id: str) -> gymnasium.envs.registration.EnvSpec:
     except gymnasium.error.Error as e:
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=3)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown environment id {env_id!r} ({e}){hint}") from None
+        raise InputError(f"unknown environment id {env_id!r} ({e}){hint}") from None
     entry = spec.entry_point if isinstance(spec.entry_point, str) else ""
     # Classic-control envs construct without pygame and only fail at the first render(); fail now instead.
     if entry.startswith(_CLASSIC_ENTRY) and importlib.util.find_spec("pygame") is None:
@@ -270,7 +272,7 @@ def make_env(
         MissingExtraError: (an ImportError) the id's optional extra is not installed; names the extra.
     """
     if size < 1 or action_repeat < 1:
-        raise ValueError(f"make_env({env_id!r}): size, action_repeat must be >= 1: {size}, {action_repeat}")
+        raise InputError(f"make_env({env_id!r}): size, action_repeat must be >= 1: {size}, {action_repeat}")
     _register_family(env_id)
     _check_known(env_id)
     kwargs.setdefault("render_mode", "rgb_array")

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from worldflow.errors import WorldflowError
 from worldflow.io import atomic_write_text
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(WorldflowError, RuntimeError):
     """A checkpoint is missing, from another format version, or does not match the model."""
 
 

@@ -18,10 +18,12 @@ from typing import Any, Literal
 
 import yaml
 
+from worldflow.errors import WorldflowError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(WorldflowError, ValueError):
     """A configuration key is unknown, or its value has the wrong type."""
 
 

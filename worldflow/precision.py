@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from worldflow.errors import InputError
+
 Bf16Setting = bool | Literal["auto"]
 
 # Measured slowdown of bf16 autocast where it is emulated (tokenizer step, small preset, AVX2 CPU).
@@ -60,7 +62,7 @@ def use_bf16(setting: Bf16Setting, device: torch.device | str, section: str = "t
     if setting == "auto":
         return bf16_native(device)
     if setting not in (True, False):
-        raise ValueError(f"{section}.bf16 must be auto, true or false, got {setting!r}")
+        raise InputError(f"{section}.bf16 must be auto, true or false, got {setting!r}")
     if setting and not bf16_native(device):
         where = torch.device(device).type
         detail = describe_cpu() if where == "cpu" else where

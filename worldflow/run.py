@@ -32,6 +32,7 @@ from worldflow.checkpoint import CheckpointError, latest_checkpoint, load_weight
 from worldflow.config import Config, from_dict, read_config, save_config
 from worldflow.data.clips import ClipBank, load_clips
 from worldflow.dynamics.model import DynamicsModel, build_dynamics
+from worldflow.errors import InputError
 from worldflow.io import atomic_path
 from worldflow.tokenizer.model import CausalTokenizer, TokenizerTraining
 
@@ -257,6 +258,6 @@ class Run:
                           "rewards are 0 and episodes never terminate (train the agent phase for "
                           "reward/continue heads)", stacklevel=3)
         elif phase != DYNAMICS:
-            raise ValueError(f"phase must be None, {DYNAMICS!r} or one of {AGENT_PHASES}, got {phase!r}")
+            raise InputError(f"phase must be None, {DYNAMICS!r} or one of {AGENT_PHASES}, got {phase!r}")
         dyn, cfg = self.dynamics(device)
         return WorldModel(tok, dyn.requires_grad_(False), None, cfg, DYNAMICS, space)

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from worldflow import rng
 from worldflow.data.spaces import action_to_tensor, check_action, check_space, event_shape, tensor_to_action
+from worldflow.errors import InputError
 
 __all__ = [
     "ActionDist",
@@ -308,14 +309,14 @@ class TanhNormalSpec(ActionSpec):
 
     def __init__(self, space: gym.spaces.Box, min_std: float = 0.1, max_std: float = 1.0):
         if not np.issubdtype(space.dtype, np.floating):
-            raise ValueError(f"unsupported action space {space}: a Box policy needs a float dtype")
+            raise InputError(f"unsupported action space {space}: a Box policy needs a float dtype")
         if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
-            raise ValueError(
+            raise InputError(
                 f"unsupported action space {space}: the bounded Gaussian needs finite low/high "
                 "(wrap the env with gymnasium.wrappers.RescaleAction or ClipAction)"
             )
         if not np.all(space.high > space.low):
-            raise ValueError(f"unsupported action space {space}: needs high > low in every dim")
+            raise InputError(f"unsupported action space {space}: needs high > low in every dim")
         if not 0 < min_std <= max_std:
             raise ValueError(f"need 0 < min_std <= max_std, got {min_std}, {max_std}")
         self.dim = int(np.prod(space.shape))

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
-from worldflow.config import Config, ConfigError, load_config
+from worldflow.config import Config, load_config
+from worldflow.errors import WorldflowError, one_line
 
 # subcommand -> module exposing add_parser(subparsers) (which sets func=...)
 _COMMANDS = {
@@ -51,23 +54,51 @@ def _add_module(sub: argparse._SubParsersAction, name: str, module: str) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="worldflow", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="worldflow", description=__doc__.split("\n")[0],
+        epilog="--debug (anywhere) or WORLDFLOW_DEBUG=1: show the traceback of an error in the input")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in _COMMANDS.items():
         _add_module(sub, name, module)
     return parser
 
 
+USER_ERRORS = (WorldflowError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+BUG = ("worldflow: this is a bug in worldflow, not in your input: please report it with the command you ran "
+       "and the traceback above")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``worldflow`` command; returns its exit code (2: an error in the input, 1: a bug).
+
+    An error that is the user's to fix (:class:`~worldflow.errors.WorldflowError`, a missing file) prints
+    as one line, ``worldflow: error: <message>``; ``--debug`` anywhere on the command line, or
+    ``WORLDFLOW_DEBUG=1``, shows its traceback instead. Any other exception keeps its traceback and says
+    it is a bug.
+    """
     from worldflow.distributed import quiet_unless_main, shutdown
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("WORLDFLOW_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     quiet_unless_main()  # under torchrun, only rank 0 prints
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except ConfigError as e:
-        parser.exit(2, f"worldflow: config error: {e}\n")
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"worldflow: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("worldflow: interrupted (checkpoints already written are kept; run again to resume)",
+              file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(BUG, file=sys.stderr)
+        return 1
     shutdown()  # torchrun: every rank leaves the process group together (no-op otherwise)
     return int(rc or 0)
 

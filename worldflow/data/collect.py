@@ -18,6 +18,7 @@ import numpy as np
 from worldflow.config import CollectConfig
 from worldflow.data.episodes import DatasetWriter
 from worldflow.data.spaces import space_to_dict
+from worldflow.errors import InputError
 
 POLICIES = ("random", "expert", "epsilon-expert")
 
@@ -38,7 +39,7 @@ def _make_policy(kind: str, env, epsilon: float, seed: int):
 def _check_obs(obs: Any, size: int, env_id: str) -> np.ndarray:
     obs = np.asarray(obs)
     if obs.dtype != np.uint8 or obs.shape != (size, size, 3):
-        raise ValueError(
+        raise InputError(
             f"env {env_id!r} returned observations {obs.dtype} {obs.shape}, expected uint8 "
             f"({size}, {size}, 3)"
         )
@@ -83,9 +84,9 @@ def collect(
     from tqdm.auto import tqdm
 
     if episodes < 1 or max_steps < 1:
-        raise ValueError(f"episodes and max_steps must be >= 1, got {episodes}, {max_steps}")
+        raise InputError(f"episodes and max_steps must be >= 1, got {episodes}, {max_steps}")
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        raise InputError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
     env = _make_env(env_id, size, action_repeat, **(env_kwargs or {}))
     meta = {
         "seed": seed,

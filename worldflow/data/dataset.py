@@ -54,6 +54,7 @@ from worldflow.data.episodes import (
     read_sidecar,
 )
 from worldflow.data.video import VideoDecodeError, VideoReader
+from worldflow.errors import InputError
 
 SPLITS = ("train", "heldout", "all")
 
@@ -70,7 +71,7 @@ def select_episodes(
 ) -> list[dict[str, Any]]:
     """Manifest entries of ``split`` (train | heldout | all), in manifest order (see holdout_episodes)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise InputError(f"unknown split {split!r}; expected one of {SPLITS}")
     entries = manifest["episodes"]
     if split == "all":
         return list(entries)
@@ -118,9 +119,9 @@ class ClipDataset(Dataset):
         max_open: int = 16,
     ):
         if clip_len < 1 or stride < 1:
-            raise ValueError(f"clip_len and stride must be >= 1, got {clip_len}, {stride}")
+            raise InputError(f"clip_len and stride must be >= 1, got {clip_len}, {stride}")
         if on_corrupt not in ("error", "skip"):
-            raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+            raise InputError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
         self.root = Path(root)
         self.clip_len, self.stride = clip_len, stride
         self.split, self.cross_episode, self.on_corrupt = split, cross_episode, on_corrupt

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worldflow.data.spaces import action_dtype, action_shape, space_to_dict
+from worldflow.errors import WorldflowError
 from worldflow.io import atomic_write_bytes, atomic_write_text
+from worldflow.errors import InputError
 
 if TYPE_CHECKING:
     from worldflow.envs.wrappers import EpisodeRecord
@@ -40,15 +42,15 @@ EPISODE_DIR = "episodes"
 SIDECAR_KEYS = ("actions", "rewards", "terminated", "truncated", "num_frames")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(WorldflowError, FileNotFoundError):
     """A directory has no ``manifest.json`` (it is not a worldflow dataset, or nothing was collected)."""
 
 
-class EmptyDatasetError(ValueError):
+class EmptyDatasetError(WorldflowError, ValueError):
     """A dataset's manifest lists no (usable) episodes."""
 
 
-class CorruptEpisodeError(RuntimeError):
+class CorruptEpisodeError(WorldflowError, RuntimeError):
     """An episode's video or sidecar is unreadable, truncated or inconsistent; the message names the file."""
 
 
@@ -79,7 +81,7 @@ def load_manifest(root: str | Path, allow_empty: bool = False) -> dict[str, Any]
         raise CorruptEpisodeError(f"manifest {path} is not valid JSON: {e}") from e
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+        raise InputError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
     if not manifest.get("episodes") and not allow_empty:
         raise EmptyDatasetError(f"dataset directory {str(root)!r} has no episodes (manifest lists none)")
     return manifest
@@ -234,7 +236,7 @@ class DatasetWriter:
         m = self.manifest
         for key, new in (("env_id", env_id), ("action_space", space), ("fps", fps)):
             if m.get(key) != new:
-                raise ValueError(
+                raise InputError(
                     f"cannot append to {self.root}: its {key} is {m.get(key)!r}, new episodes have {new!r}"
                 )
 
@@ -263,7 +265,7 @@ class DatasetWriter:
         actions = np.asarray(actions, dtype=action_dtype(sp))
         t = len(actions)
         if actions.shape[1:] != action_shape(sp):
-            raise ValueError(f"actions have shape {actions.shape}, expected (T, *{action_shape(sp)})")
+            raise InputError(f"actions have shape {actions.shape}, expected (T, *{action_shape(sp)})")
         arrays = {
             "actions": actions,
             "rewards": np.asarray(rewards, dtype=np.float32),
@@ -274,7 +276,7 @@ class DatasetWriter:
         if frames.shape[0] != t + 1 or any(
             arrays[k].shape != (t,) for k in ("rewards", "terminated", "truncated")
         ):
-            raise ValueError(
+            raise InputError(
                 f"an episode of T transitions needs T+1 frames and T actions/rewards/flags; got frames "
                 f"{frames.shape[0]}, actions {t}, rewards {arrays['rewards'].shape}, "
                 f"terminated {arrays['terminated'].shape}, truncated {arrays['truncated'].shape}"
@@ -283,7 +285,7 @@ class DatasetWriter:
         if self.manifest["frame_shape"] is None:
             self.manifest["frame_shape"] = shape
         elif self.manifest["frame_shape"] != shape:
-            raise ValueError(f"frames are {shape}, the dataset's are {self.manifest['frame_shape']}")
+            raise InputError(f"frames are {shape}, the dataset's are {self.manifest['frame_shape']}")
 
         index = 1 + max((e["index"] for e in self.manifest["episodes"]), default=-1)
         name = f"{EPISODE_DIR}/ep_{index:06d}"

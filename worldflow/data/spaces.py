@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from torch import Tensor
+from worldflow.errors import InputError
 
 __all__ = [
     "space_to_dict",
@@ -101,7 +102,7 @@ def space_from_dict(d: dict[str, Any]):
         return spaces.MultiDiscrete(np.asarray(d["nvec"]), dtype=dtype, start=np.asarray(d.get("start", 0)))
     if kind == "MultiBinary":
         return spaces.MultiBinary(d["n"])
-    raise ValueError(f"unknown action space description {d!r}")
+    raise InputError(f"unknown action space description {d!r}")
 
 
 def action_dtype(space_dict: dict[str, Any]) -> np.dtype:
@@ -152,7 +153,7 @@ def _kinds(space: gym.Space) -> tuple[str, str]:
     for cls, kinds in _KINDS.items():
         if isinstance(space, cls):
             return kinds
-    raise ValueError(f"unsupported action space {space}: expected Discrete, MultiDiscrete, MultiBinary, Box")
+    raise InputError(f"unsupported action space {space}: expected Discrete, MultiDiscrete, MultiBinary, Box")
 
 
 def check_space(space: gym.Space) -> gym.Space:

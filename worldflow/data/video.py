@@ -25,8 +25,10 @@ from fractions import Fraction
 from pathlib import Path
 
 from worldflow.io import atomic_path
+from worldflow.errors import WorldflowError
 
 import numpy as np
+from worldflow.errors import InputError
 
 # Keyframe every 32 frames: measured on 64×64 lossless episodes, a random 16-frame clip reads in
 # ~5.5 ms with decord versus ~15 ms with x264's default GOP of 250, for <1% larger files.
@@ -42,14 +44,14 @@ BACKENDS = ("auto", "decord", "pyav")
 _FORK_ORPHANS: list[object] = []
 
 
-class VideoDecodeError(RuntimeError):
+class VideoDecodeError(WorldflowError, RuntimeError):
     """A video file could not be opened or decoded (missing, truncated, garbage, index out of range)."""
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise ValueError(
+        raise InputError(
             f"frames must be uint8 (T, H, W, 3) with T >= 1, got {frames.dtype} {tuple(frames.shape)}"
         )
     return np.ascontiguousarray(frames)
@@ -76,7 +78,7 @@ def write_video(
     spec = LOSSLESS_CODEC if lossless else LOSSY_CODEC
     _, h, w, _ = frames.shape
     if not lossless and (h % 2 or w % 2):
-        raise ValueError(f"lossy yuv420p video needs even height and width, got {h}x{w}")
+        raise InputError(f"lossy yuv420p video needs even height and width, got {h}x{w}")
     with atomic_path(path, keep_suffix=True) as tmp, av.open(str(tmp), "w") as container:
         stream = container.add_stream(spec["codec"], rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, spec["pix_fmt"]
@@ -337,7 +339,7 @@ class VideoReader:
 
     def __init__(self, path: str | Path, backend: str = "auto", num_threads: int = 1):
         if backend not in BACKENDS:
-            raise ValueError(f"unknown video backend {backend!r} (choose from {BACKENDS})")
+            raise InputError(f"unknown video backend {backend!r} (choose from {BACKENDS})")
         self.path = str(path)
         self.requested_backend = backend
         self.num_threads = num_threads

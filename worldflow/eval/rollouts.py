@@ -31,6 +31,7 @@ import torch
 from worldflow.config import Config
 from worldflow.data.clips import ClipBank
 from worldflow.dynamics.model import DynamicsModel
+from worldflow.errors import InputError
 from worldflow.eval.metrics import ObjectReader, object_match, psnr, ssim
 from worldflow.eval.visual import comparison_video, plot_curves, write_media
 from worldflow.io import atomic_write_text
@@ -150,7 +151,7 @@ def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: i
     model.to(device)
     tok, _ = r.tokenizer(device)
     if context > model.cfg.context:
-        raise ValueError(f"--context {context} exceeds the context the model was trained for "
+        raise InputError(f"--context {context} exceeds the context the model was trained for "
                          f"({model.cfg.context} frames)")
     bank = with_frames(latent_bank(run, data, cfg, "heldout", tok, progress), data, cfg, progress)
     ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips, seed=seed,

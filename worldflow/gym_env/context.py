@@ -19,6 +19,7 @@ from torch import Tensor
 
 from worldflow.config import Config
 from worldflow.data.spaces import env_values, null_values
+from worldflow.errors import InputError
 from worldflow.run import latent_bank, run_dataset
 from worldflow.tokenizer.model import CausalTokenizer
 
@@ -43,7 +44,7 @@ class Clip:
         """A user-supplied context; without actions the frames count as unlabeled video (mask False)."""
         lat = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
         if lat.dim() != 3 or lat.shape[0] < 1:
-            raise ValueError(f"context_latents must be (C >= 1, N, D), got {tuple(lat.shape)}")
+            raise InputError(f"context_latents must be (C >= 1, N, D), got {tuple(lat.shape)}")
         c = lat.shape[0]
         if actions is None:
             acts, mask = null_values(space, c), torch.zeros(c, dtype=torch.bool)
@@ -51,7 +52,7 @@ class Clip:
             acts = env_values(space, actions, batched=True)
             mask = torch.ones(c, dtype=torch.bool) if action_mask is None else torch.as_tensor(action_mask)
         if acts.shape[0] != c or mask.shape != (c,):
-            raise ValueError(f"context actions / action_mask must have {c} rows like the latents")
+            raise InputError(f"context actions / action_mask must have {c} rows like the latents")
         return cls(lat, acts, mask.bool())
 
     def __len__(self) -> int:

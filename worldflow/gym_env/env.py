@@ -57,6 +57,7 @@ from gymnasium.vector.utils import batch_space
 
 from worldflow import flow
 from worldflow.data.spaces import env_values
+from worldflow.errors import InputError
 from worldflow.gym_env.context import Clip, ContextBank
 from worldflow.gym_env.imagined import ImaginedBatch, RowNoiseStream
 from worldflow.nn import KVCache
@@ -78,25 +79,25 @@ class _Setup:
     def __init__(self, run, steps, horizon, context, device, render_mode, phase, sample_contexts_from,
                  batched: bool):
         if sample_contexts_from not in ("train", "heldout"):
-            raise ValueError(f"sample_contexts_from: 'train' or 'heldout', not {sample_contexts_from!r}")
+            raise InputError(f"sample_contexts_from: 'train' or 'heldout', not {sample_contexts_from!r}")
         if render_mode is not None and render_mode not in METADATA["render_modes"]:
-            raise ValueError(f"render_mode must be None or one of {METADATA['render_modes']}, "
+            raise InputError(f"render_mode must be None or one of {METADATA['render_modes']}, "
                              f"got {render_mode!r}")
         if horizon is not None and horizon < 1:
-            raise ValueError(f"horizon must be >= 1 step or None, got {horizon}")
+            raise InputError(f"horizon must be >= 1 step or None, got {horizon}")
         self.wm = Run(run).world_model(phase, device)
         dyn = self.wm.cfg.dynamics
         flow.check_steps(steps, dyn.k_max)
         self.steps, self.horizon, self.device = steps, horizon, torch.device(device)
         self.context = max(1, dyn.context - 1) if context is None else int(context)
         if self.context < 1:
-            raise ValueError(f"context must be >= 1 frame, got {context}")
+            raise InputError(f"context must be >= 1 frame, got {context}")
         self.decoder_window = min(self.wm.tokenizer.cfg.context, self.context + 1)
         # A batched env restarts sub-envs by copying cache rows, so every context must leave both caches
         # full (see the module docstring); a single env starts a fresh stream and takes any context.
         self.min_context = max(dyn.context - 1, self.decoder_window - 1) if batched else 1
         if self.context < self.min_context:
-            raise ValueError(f"the vector env needs context >= {self.min_context} frames (model context "
+            raise InputError(f"the vector env needs context >= {self.min_context} frames (model context "
                              f"{dyn.context} - 1) so that restarting a sub-env keeps the batched caches "
                              f"consistent; got {self.context}")
         self.bank = ContextBank.load(run, sample_contexts_from, self.context, self.wm.tokenizer, self.wm.cfg)
@@ -121,7 +122,7 @@ class _Setup:
         clip = Clip.given(self.action_space, pick("context_latents"), pick("context_actions"),
                           pick("context_action_mask"))
         if len(clip) < self.min_context:
-            raise ValueError(f"context_latents has {len(clip)} frames, this env needs >= {self.min_context}")
+            raise InputError(f"context_latents has {len(clip)} frames, this env needs >= {self.min_context}")
         return clip
 
 
@@ -241,9 +242,9 @@ class WorldModelVectorEnv(VectorEnv):
                  phase: str | None = None, sample_contexts_from: str = "train",
                  max_episode_steps: int | None = None):
         if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+            raise InputError(f"num_envs must be >= 1, got {num_envs}")
         if horizon is not None and max_episode_steps is not None and horizon != max_episode_steps:
-            raise ValueError("horizon and max_episode_steps are aliases: pass one")
+            raise InputError("horizon and max_episode_steps are aliases: pass one")
         horizon = horizon if horizon is not None else max_episode_steps
         self._setup = _Setup(run, steps, horizon, context, device, render_mode, phase, sample_contexts_from,
                              batched=True)
@@ -280,7 +281,7 @@ class WorldModelVectorEnv(VectorEnv):
         else:
             seeds = list(seed)
             if len(seeds) != self.num_envs:
-                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} sub-envs")
+                raise InputError(f"got {len(seeds)} seeds for {self.num_envs} sub-envs")
         for i, s in enumerate(seeds):
             if s is not None:  # the same two seedings as WorldModelEnv.reset(seed=s)
                 self._rngs[i] = seeding.np_random(s)[0]
@@ -305,9 +306,9 @@ class WorldModelVectorEnv(VectorEnv):
         else:
             mask = np.asarray(mask)
             if mask.dtype != np.bool_ or mask.shape != (self.num_envs,) or not mask.any():
-                raise ValueError(f"options['reset_mask'] must be a ({self.num_envs},) bool array with a True")
+                raise InputError(f"options['reset_mask'] must be a ({self.num_envs},) bool array with a True")
             if not self._started:
-                raise ValueError("reset without a reset_mask first (the batched stream does not exist yet)")
+                raise InputError("reset without a reset_mask first (the batched stream does not exist yet)")
             rows = np.flatnonzero(mask).tolist()
         clips = self._clips(rows, options)
         if mask is None:
@@ -324,7 +325,7 @@ class WorldModelVectorEnv(VectorEnv):
             raise gym.error.ResetNeeded("call reset() before step()")
         acts = env_values(self.single_action_space, actions, batched=True)
         if acts.shape[0] != self.num_envs:
-            raise ValueError(f"got actions for {acts.shape[0]} sub-envs, expected {self.num_envs}")
+            raise InputError(f"got actions for {acts.shape[0]} sub-envs, expected {self.num_envs}")
         restart = np.flatnonzero(self._autoreset).tolist()
         active = ~self._autoreset
         rewards = np.zeros(self.num_envs, np.float64)

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from worldflow.errors import InputError
+
 # torchvision VGG16 ``features``: numbers are conv widths, "M" a 2x2 max-pool.
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 _SLICES = [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)]  # ends after relu1_2, 2_2, 3_3, 4_3, 5_3
@@ -90,7 +92,7 @@ class LPIPSVGG(nn.Module):
                 mapped[parts[-1]] = val.reshape(1, 3, 1, 1)
         missing = [k for k in self.state_dict() if k not in mapped and k not in ("shift", "scale")]
         if missing:
-            raise ValueError(f"LPIPS weights file lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            raise InputError(f"LPIPS weights file lacks {len(missing)} tensors, e.g. {missing[:3]}")
         self.load_state_dict(mapped, strict=False)
 
 
@@ -102,7 +104,7 @@ def load_lpips(path: str | Path) -> nn.Module:
     """
     p = Path(path).expanduser()
     if not str(path):
-        raise ValueError("empty LPIPS path: leave lpips_path empty to disable the LPIPS term instead")
+        raise InputError("empty LPIPS path: leave lpips_path empty to disable the LPIPS term instead")
     if not p.is_file():
         raise FileNotFoundError(
             f"LPIPS weights not found at '{p}' (tokenizer.lpips_path). Nothing is downloaded at run time: "

@@ -30,6 +30,7 @@ from worldflow.data.clips import ClipBank
 from worldflow.data.spaces import values_to_indices
 from worldflow.distributed import device_of
 from worldflow.dynamics import dynamics_loss
+from worldflow.errors import InputError
 from worldflow.run import load_agent_model, phase_checkpoint, record_dataset, run_action_space, start_phase
 from worldflow.train.trainer import Trainer
 
@@ -113,7 +114,7 @@ def rl_losses(model: AgentModel, prior, im, cfg: Config) -> tuple[torch.Tensor, 
 def train_imagination(cfg: Config, data, run, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     """Phase 3: the world model is frozen; policy and value heads train on imagined rollouts."""
     if cfg.agent.imag_reuse < 1:
-        raise ValueError(f"agent.imag_reuse must be >= 1, got {cfg.agent.imag_reuse}")
+        raise InputError(f"agent.imag_reuse must be >= 1, got {cfg.agent.imag_reuse}")
     device = device_of(cfg)
     bc_model, bc_cfg, _ = load_agent_model(run, "agent_bc", device)
     start_phase(run, "agent", cfg)

@@ -23,6 +23,7 @@ import torch
 from worldflow import distributed, precision
 from worldflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from worldflow.config import TrainConfig
+from worldflow.errors import WorldflowError
 from worldflow.run import checkpoints_dir
 from worldflow.train.runlog import RunLogger
 
@@ -31,7 +32,7 @@ SECTIONS = {"tokenizer": "train_tokenizer", "dynamics": "train_dynamics", "agent
             "agent": "train_agent"}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(WorldflowError, FloatingPointError):
     """A loss term became NaN/Inf; the last good checkpoint is kept untouched."""
 
 
