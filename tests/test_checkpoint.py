@@ -42,7 +42,7 @@ def test_interrupted_write_keeps_good_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(ck.torch, "save", boom)
+    monkeypatch.setattr(ck, "save_state", boom)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, 2, m, {})
     assert latest_checkpoint(tmp_path).name == "step_00000001"
@@ -111,3 +111,90 @@ def test_head_lr_applies_to_heads_only(tmp_path):
     lrs = {g["lr_scale"]: g["lr"] for g in t.opt.param_groups}
     assert lrs[4.0] == pytest.approx(4 * lr_at(0, cfg)) and lrs[1.0] == pytest.approx(lr_at(0, cfg))
     assert make_optimizer(model, TrainConfig(lr=1e-3)).param_groups[0]["lr_scale"] == 1.0  # default: 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# No pickles: the training state and the latent cache are safetensors + JSON
+
+
+def test_state_file_round_trips_optimizer_and_rng_states(tmp_path):
+    import random
+
+    import numpy as np
+
+    from worldflow.checkpoint import rng_state
+    from worldflow.state import load_state, save_state
+
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    m(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    random.random()
+    tree = {"step": 3, "rng": rng_state(), "optimizer": opt.state_dict(),
+            "extra": {"gen": torch.Generator().manual_seed(5).get_state(), "nan": float("nan"), "none": None}}
+    save_state(tmp_path / "s.safetensors", tree)
+    back = load_state(tmp_path / "s.safetensors")
+    assert back["step"] == 3 and back["extra"]["none"] is None and np.isnan(back["extra"]["nan"])
+    assert torch.equal(back["extra"]["gen"], tree["extra"]["gen"])
+    py, npy = back["rng"]["python"], back["rng"]["numpy"]
+    assert py == tree["rng"]["python"] and isinstance(py, tuple)  # random.setstate needs the tuple
+    assert npy[0] == "MT19937" and npy[1].dtype == np.uint32
+    assert np.array_equal(npy[1], tree["rng"]["numpy"][1])
+    assert back["optimizer"]["param_groups"] == tree["optimizer"]["param_groups"]
+    assert back["optimizer"]["state"].keys() == tree["optimizer"]["state"].keys()  # int keys stay ints
+    opt2 = torch.optim.AdamW(_model().parameters(), lr=1e-3)
+    opt2.load_state_dict(back["optimizer"])  # accepted as a real optimizer state
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
+class _Boom:
+    """Unpickling this runs os.system: a crafted file must never get that far."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_crafted_pickle_in_a_checkpoint_runs_nothing(tmp_path, monkeypatch):
+    """A run directory someone hands over, with state.pt (the pre-safetensors name) replaced by a pickle
+    that would run a command: resuming fails with a named error and the command never runs."""
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(steps=4, batch=4, warmup=1, log_every=1, eval_every=0, ckpt_every=2)
+    t = Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False)
+    t.fit(_batch, _loss)
+    d = latest_checkpoint(tmp_path / "toy" / "checkpoints")
+    (d / "state.safetensors").unlink()
+    (d / "state.pt").write_bytes(pickle.dumps({"step": 4, "x": _Boom()}, protocol=2))
+    with pytest.raises(CheckpointError, match="is not a plain-data pickle, so it is not loaded"):
+        Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False).resume()
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_crafted_latent_cache_runs_nothing(tmp_path, monkeypatch):
+    """A pickle saved under the latent cache's name is never unpickled: it is not a state file."""
+    import pickle
+
+    from worldflow.state import StateFileError, load_state
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "latents_train_0123456789ab.safetensors"
+    path.write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(StateFileError, match="is unreadable"):
+        load_state(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_legacy_plain_state_pt_still_resumes(tmp_path):
+    """Checkpoints written before state.safetensors (a plain-data state.pt) resume as before."""
+    cfg = TrainConfig(steps=4, batch=4, warmup=1, log_every=1, eval_every=0, ckpt_every=2)
+    t = Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False)
+    t.fit(_batch, _loss)
+    from worldflow.checkpoint import read_state
+
+    d = latest_checkpoint(tmp_path / "toy" / "checkpoints")
+    torch.save(read_state(d), d / "state.pt")  # what the old format held
+    (d / "state.safetensors").unlink()
+    again = Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False)
+    assert again.resume() and again.step == 4

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from worldflow import distributed
-from worldflow.checkpoint import load_weights
+from worldflow.checkpoint import load_weights, read_state
 from worldflow.config import ConfigError, load_config
 from worldflow.distributed import Rows, batch_rows, rows_of, split_rows, take_rows
 from worldflow.dynamics import DynamicsModel, dynamics_loss
@@ -163,8 +163,7 @@ def test_torchrun_two_processes_match_one(tiny_data, tiny_cfg, tmp_path):
     load_weights(want, ckpt(single))
     for (name, a), b in zip(model.state_dict().items(), want.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
-    state = torch.load(ckpt(multi) / "state.pt", weights_only=False)
-    ref_state = torch.load(ckpt(single) / "state.pt", weights_only=False)
+    state, ref_state = read_state(ckpt(multi)), read_state(ckpt(single))
     assert state["optimizer"]["param_groups"] == ref_state["optimizer"]["param_groups"]
     assert state["optimizer"]["state"].keys() == ref_state["optimizer"]["state"].keys()
     assert torch.equal(state["extra"]["gen"], ref_state["extra"]["gen"])  # the same batches were drawn

@@ -20,6 +20,7 @@ from worldflow.dynamics import RolloutStream
 from worldflow.gym_env.env import ENV_ID, WorldModelEnv, WorldModelVectorEnv
 from worldflow.gym_env.imagined import RowNoiseStream
 from worldflow.nn import SpaceTimeTransformer
+from worldflow.state import load_state
 
 
 def make_env(run, **kw) -> WorldModelEnv:
@@ -149,7 +150,8 @@ def test_seeds_give_same_and_different_frames(tiny_run):
     f1 = frames(1, a)
     assert not np.array_equal(f0[1:], f1[1:])
     # same context, different noise: the diffusion noise follows the seed, not just the context choice
-    lat = torch.load(next((tiny_run / "dynamics").glob("latents_train_*.pt")))["episodes"][0]["latents"][:3]
+    cache = next((tiny_run / "dynamics").glob("latents_train_*.safetensors"))
+    lat = load_state(cache)["episodes"][0]["latents"][:3]
     first = [env.reset(seed=s, options={"context_latents": lat})[0] for env, s in ((a, 0), (b, 1))]
     assert np.array_equal(*first)  # the decoded context does not depend on the noise
     assert not np.array_equal(a.step(1)[0], b.step(1)[0])

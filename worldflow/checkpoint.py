@@ -3,12 +3,17 @@
 Layout of one phase inside a run directory::
 
     <run>/<phase>/checkpoints/step_00000500/model.safetensors   weights (strict load)
-                                             state.pt            optimizer, scheduler, step, RNG, extra
+                                             state.safetensors   optimizer, step, RNG states, extra
                                              meta.json           format version, step, config
     <run>/<phase>/checkpoints/latest.json                        {"step": 500, "dir": "step_00000500"}
 
 A checkpoint directory is built under a temporary name and renamed into place; ``latest.json`` is then
 replaced atomically. A crash at any moment leaves the previous good checkpoint as ``latest``.
+
+Nothing is unpickled: the training state is a safetensors file with its structure as JSON
+(:mod:`worldflow.state`). Checkpoints written before that hold ``state.pt``, a pickle; it is read with
+``torch.load(weights_only=True)`` and an allow-list of the numpy types an RNG state holds, so a crafted
+one fails with a named error instead of running its code.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ from safetensors.torch import load_file, save_file
 
 from worldflow.errors import WorldflowError
 from worldflow.io import atomic_write_text
+from worldflow.state import StateFileError, load_state, save_state
 
 FORMAT_VERSION = 1
+STATE_FILE = "state.safetensors"
+LEGACY_STATE_FILE = "state.pt"  # a pickle, from before state.safetensors; read without running code
 
 
 class CheckpointError(WorldflowError, RuntimeError):
@@ -79,7 +87,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module | d
         state = {"step": step, "rng": rng_state(), "extra": extra or {}}
         if optimizer is not None:
             state["optimizer"] = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-        torch.save(state, tmp / "state.pt")
+        save_state(tmp / STATE_FILE, state)
         meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         _fsync_dir(tmp)
@@ -170,7 +178,7 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
         model.load_state_dict(tensors, strict=True)
     else:
         load_weights_fn(model, tensors)
-    state = torch.load(d / "state.pt", weights_only=False)
+    state = read_state(d)
     if optimizer is not None and "optimizer" in state:
         if load_optimizer_fn is None:
             optimizer.load_state_dict(state["optimizer"])
@@ -179,6 +187,32 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
     if restore_rng:
         set_rng_state(state["rng"])
     return Resumed(step=int(state["step"]), extra=state.get("extra", {}))
+
+
+def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    """A checkpoint's training state (step, rng, extra, optimizer), never by unpickling code."""
+    d = Path(ckpt_dir)
+    if (d / STATE_FILE).exists():
+        try:
+            return load_state(d / STATE_FILE)
+        except StateFileError as e:
+            raise CheckpointError(f"checkpoint {d}: {e}") from e
+    legacy = d / LEGACY_STATE_FILE
+    if not legacy.exists():
+        raise CheckpointError(f"checkpoint {d} has no {STATE_FILE}")
+    try:
+        with torch.serialization.safe_globals(_legacy_allowed()):
+            return torch.load(legacy, weights_only=True)
+    except Exception as e:  # the weights-only unpickler refuses anything outside the allow-list
+        raise CheckpointError(f"checkpoint state {legacy} is not a plain-data pickle, so it is not loaded "
+                              f"(it could run code): {' '.join(str(e).split()[:24])}") from e
+
+
+def _legacy_allowed() -> list[Any]:
+    """What a pickled worldflow RNG state needs beyond tensors: numpy arrays, dtypes and scalars."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype,
+            *{type(np.dtype(t)) for t in ("uint32", "int64", "float64", "uint8", "bool")}]
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from worldflow.config import Config, from_dict, read_config, save_config
 from worldflow.data.clips import ClipBank, load_clips
 from worldflow.dynamics.model import DynamicsModel, build_dynamics
 from worldflow.errors import InputError
-from worldflow.io import atomic_path
+from worldflow.state import StateFileError, load_state, save_state
 from worldflow.tokenizer.model import CausalTokenizer, TokenizerTraining
 
 TOKENIZER, DYNAMICS, AGENT_BC, AGENT = "tokenizer", "dynamics", "agent_bc", "agent"  # phase directories
@@ -156,14 +156,17 @@ def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok:
     ckpt = phase_checkpoint(run, TOKENIZER)
     key = hashlib.sha1(f"{Path(data).resolve()}|{ckpt.resolve()}|{len(load_manifest(data)['episodes'])}"
                        .encode()).hexdigest()[:12]
-    path = Path(run) / DYNAMICS / f"latents_{split}_{key}.pt"
+    # safetensors, never a pickle: run directories get shared, and unpickling one could run its code
+    path = Path(run) / DYNAMICS / f"latents_{split}_{key}.safetensors"
     if path.exists():
-        saved = torch.load(path, weights_only=False)
-        return ClipBank(saved["episodes"], saved["ids"])
+        try:
+            saved = load_state(path)
+            return ClipBank(saved["episodes"], saved["ids"])
+        except StateFileError as e:  # a cache: rebuild it rather than fail
+            warnings.warn(f"rebuilding the latent cache: {e}", stacklevel=2)
     frames = load_clips(data, cfg.data, split=split, progress=progress)  # streamed if it is too large
     bank = frames.map(lambda f: encode_frames(tok, f), "frames", "latents", progress=progress)
-    with atomic_path(path) as tmp:  # a unique temporary: every torchrun process may write the cache
-        torch.save({"episodes": bank.episodes, "ids": bank.ids}, tmp)
+    save_state(path, {"episodes": bank.episodes, "ids": bank.ids})  # atomic: every torchrun rank may write
     return bank
 
 

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from worldflow.config import Config
 from worldflow.data.spaces import env_values, null_values
-from worldflow.errors import InputError
+from worldflow.errors import DataMismatchError, InputError
 from worldflow.run import latent_bank, run_dataset
+from worldflow.state import load_state
 from worldflow.tokenizer.model import CausalTokenizer
 
 __all__ = ["Clip", "ContextBank"]
@@ -88,11 +89,11 @@ class ContextBank:
         if data and Path(data).exists():  # validates the cache key against dataset + tokenizer
             bank = latent_bank(run, data, cfg, split, tok, progress=False)
             return cls(bank.episodes, bank.ids, context)
-        files = sorted((Path(run) / "dynamics").glob(f"latents_{split}_*.pt"), key=_mtime)
+        files = sorted((Path(run) / "dynamics").glob(f"latents_{split}_*.safetensors"), key=_mtime)
         if not files:
-            raise FileNotFoundError(f"run {run} has no cached {split} latents and its dataset {data} is "
+            raise DataMismatchError(f"run {run} has no cached {split} latents and its dataset {data} is "
                                     "gone: pass options={'context_latents': ...} to reset")
-        saved = torch.load(files[-1], weights_only=True)  # the newest: written after the latest tokenizer
+        saved = load_state(files[-1])  # the newest: written after the latest tokenizer
         return cls(saved["episodes"], saved["ids"], context)
 
     def sample(self, rng: np.random.Generator) -> Clip:

@@ -1,8 +1,8 @@
 """``worldflow train dynamics``: fit the shortcut-forcing dynamics model on tokenized episodes.
 
 The run's trained tokenizer encodes every episode once; the latents are cached in
-``<run>/dynamics/latents_<split>.pt`` (keyed by dataset and tokenizer checkpoint) so a resumed or repeated
-run skips the encoding. Held-out open-loop rollouts are scored every ``eval_every`` steps.
+``<run>/dynamics/latents_<split>_<key>.safetensors`` (keyed by dataset and tokenizer checkpoint) so a
+resumed or repeated run skips the encoding. Held-out open-loop rollouts are scored every ``eval_every`` steps.
 """
 
 from __future__ import annotations
