@@ -167,8 +167,13 @@ def test_a_crafted_pickle_in_a_checkpoint_runs_nothing(tmp_path, monkeypatch):
     d = latest_checkpoint(tmp_path / "toy" / "checkpoints")
     (d / "state.safetensors").unlink()
     (d / "state.pt").write_bytes(pickle.dumps({"step": 4, "x": _Boom()}, protocol=2))
+    from worldflow.checkpoint import read_state
+
     with pytest.raises(CheckpointError, match="is not a plain-data pickle, so it is not loaded"):
-        Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False).resume()
+        read_state(d)
+    t = Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False)
+    with pytest.warns(UserWarning, match="not a plain-data pickle"):
+        assert t.resume() and t.step == 2  # the older checkpoint, never the crafted one
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -198,3 +203,34 @@ def test_a_legacy_plain_state_pt_still_resumes(tmp_path):
     (d / "state.safetensors").unlink()
     again = Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False)
     assert again.resume() and again.step == 4
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    """A truncated model.safetensors in the newest step: resume names it, warns, and takes the older one."""
+    cfg = TrainConfig(steps=6, batch=4, warmup=1, log_every=1, eval_every=0, ckpt_every=2)
+    Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False).fit(_batch, _loss)
+    root = tmp_path / "toy" / "checkpoints"
+    newest = latest_checkpoint(root)
+    assert newest.name == "step_00000006"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    t = Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False)
+    with pytest.warns(UserWarning, match="step_00000006 does not load.*unreadable"):
+        assert t.resume()
+    assert t.step == 4
+    with pytest.raises(CheckpointError, match="model.safetensors are unreadable"):  # loaders name the file
+        load_weights(_model(), newest)
+
+
+def test_resume_with_another_config_names_the_keys_that_differ(tiny_data, tiny_cfg, tmp_path):
+    from worldflow.checkpoint import CheckpointMismatchError
+    from worldflow.train import tokenizer as train_tokenizer
+
+    steps = ["train_tokenizer.steps=2", "train_tokenizer.ckpt_every=2", "train_tokenizer.eval_every=0"]
+    train_tokenizer.train(tiny_cfg(*steps), tiny_data, tmp_path, progress=False)
+    wider = tiny_cfg(*steps, "train_tokenizer.steps=4", "tokenizer.transformer.width=48")
+    with pytest.raises(CheckpointMismatchError) as e:
+        train_tokenizer.train(wider, tiny_data, tmp_path, progress=False)
+    msg = str(e.value)
+    assert "trained with another config (tokenizer.transformer.width: 32 -> 48)" in msg
+    assert "--no-resume" in msg and "train_tokenizer.steps" not in msg and len(msg) < 400

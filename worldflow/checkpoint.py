@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from worldflow.errors import WorldflowError
@@ -42,7 +43,11 @@ LEGACY_STATE_FILE = "state.pt"  # a pickle, from before state.safetensors; read 
 
 
 class CheckpointError(WorldflowError, RuntimeError):
-    """A checkpoint is missing, from another format version, or does not match the model."""
+    """A checkpoint is missing, unreadable (truncated, corrupt), or from another format version."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint whose tensors do not fit the model (another config made it)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -111,6 +116,23 @@ def _prune(root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def checkpoint_dirs(ckpt_root: str | Path) -> list[Path]:
+    """Every complete-looking ``step_*`` checkpoint under ``ckpt_root``, newest first (the one
+    ``latest.json`` names leads when it exists): the order resume tries them in."""
+    root = Path(ckpt_root)
+    dirs = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    ptr = root / "latest.json"
+    if ptr.exists():
+        try:
+            named = root / json.loads(ptr.read_text())["dir"]
+        except (ValueError, KeyError, TypeError):
+            named = None
+        if named in dirs:
+            dirs.remove(named)
+            dirs.insert(0, named)
+    return dirs
+
+
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     """The directory ``latest.json`` points at, or None when there is no checkpoint yet."""
     root = Path(ckpt_root)
@@ -134,7 +156,10 @@ def read_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> dict[str, torc
     path = Path(ckpt_dir) / "model.safetensors"
     if not path.exists():
         raise CheckpointError(f"no weights at {path}")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint weights {path} are unreadable ({' '.join(str(e).split())})") from e
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -148,7 +173,7 @@ def read_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> dict[str, torc
         if wrong:
             parts.append("shape mismatch " + ", ".join(
                 f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong))
-        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
+        raise CheckpointMismatchError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
     return tensors
 
 
@@ -170,7 +195,7 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
     tensors are checked against the model first either way.
     """
     d = Path(ckpt_dir)
-    meta = json.loads((d / "meta.json").read_text())
+    meta = read_meta(d)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{d}: format version {meta.get('format_version')} != {FORMAT_VERSION}")
     tensors = read_weights(model, d)
@@ -216,4 +241,9 @@ def _legacy_allowed() -> list[Any]:
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt_dir) / "meta.json").read_text())
+    """A checkpoint's meta.json (format version, step, config); unreadable raises CheckpointError."""
+    path = Path(ckpt_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint meta {path} is unreadable ({type(e).__name__}: {e})") from e

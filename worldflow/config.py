@@ -354,6 +354,18 @@ def _replace_nested(obj: Any, nested: dict[str, Any]) -> Any:
                                        for k, v in nested.items()})
 
 
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every leaf of two config dicts (``to_dict`` form) that differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     return json.loads(json.dumps(d))  # tuples -> lists, plain JSON types

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,8 +22,15 @@ from typing import Any
 import torch
 
 from worldflow import distributed, precision
-from worldflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from worldflow.config import TrainConfig
+from worldflow.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    checkpoint_dirs,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from worldflow.config import TrainConfig, config_diff
 from worldflow.errors import WorldflowError
 from worldflow.run import checkpoints_dir
 from worldflow.train.runlog import RunLogger
@@ -154,11 +162,46 @@ class Trainer:
         self.progress = progress
 
     def resume(self) -> bool:
-        """Restore the latest checkpoint if there is one; True when resumed. Every process reads the same
-        checkpoint (the run directory must be visible to all of them), so all restore the same state."""
-        d = latest_checkpoint(self.ckpt_root)
-        if d is None:
-            return False
+        """Restore the newest checkpoint that loads; True when resumed, False when there is none.
+
+        A checkpoint that does not load (truncated, corrupt) is named in a warning and the next older one
+        is tried. One whose tensors do not fit the model stops the resume with the config keys that
+        differ from the checkpoint's, since every older one was made by the same config. Every process
+        reads the same checkpoint (the run directory must be visible to all of them).
+        """
+        dirs = checkpoint_dirs(self.ckpt_root)
+        failures = []
+        for d in dirs:
+            try:
+                self._load(d)
+            except CheckpointMismatchError as e:
+                raise self._config_changed(d, e) from e
+            except CheckpointError as e:
+                failures.append(f"{d.name}: {e}")
+                warnings.warn(f"[{self.phase}] checkpoint {d} does not load, trying an older one: {e}",
+                              stacklevel=2)
+                continue
+            if failures:
+                warnings.warn(f"[{self.phase}] resumed from {d.name} (step {self.step}), the newest "
+                              "checkpoint that loads", stacklevel=2)
+            return True
+        if dirs:
+            raise CheckpointError(f"no checkpoint of phase {self.phase} in {self.ckpt_root} loads "
+                                  f"({'; '.join(failures)}): start over with --no-resume or a new --run")
+        return False
+
+    def _config_changed(self, d: Path, err: CheckpointMismatchError) -> CheckpointError:
+        diff = [line for line in config_diff(read_meta(d).get("config", {}), self.config_dict)
+                if not line.startswith(("train_", "online."))]  # optimisation keys shape no tensor
+        if not diff:
+            return err
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        return CheckpointMismatchError(
+            f"checkpoint {d} was trained with another config ({'; '.join(diff[:4])}{more}), so its weights "
+            f"do not fit this model: resume with the config it was trained with, or start the phase over "
+            f"with --no-resume, or use a new --run (--debug lists the tensors)")
+
+    def _load(self, d: Path) -> None:
         if distributed.is_sharded(self.model):  # full state dicts in, each rank keeps its shard
             r = load_checkpoint(d, self.model, self.opt, load_weights_fn=distributed.load_full_model_state,
                                 load_optimizer_fn=lambda opt, sd: distributed.load_full_optimizer_state(
@@ -167,7 +210,6 @@ class Trainer:
             r = load_checkpoint(d, self.model, self.opt)
         self.step = r.step
         self.gen.set_state(r.extra["gen"])
-        return True
 
     def save(self) -> Path:
         """Write a checkpoint of the unwrapped model (rank 0 only; the others wait until it is in place)."""
