@@ -13,11 +13,16 @@ from worldflow.cli import main
 def cli_error(capsys, argv: list[str]) -> str:
     """Run the CLI on ``argv``; assert it failed as a user error; return the one error line."""
     capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("worldflow: error: "), err
-    assert "Traceback" not in err[0]
-    return err[0]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse rejects the command line while parsing it
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("worldflow")]  # progress bars aside
+    assert len(lines) == 1 and lines[0].startswith("worldflow: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
 
 
 def test_missing_dataset(capsys, tmp_path):
@@ -64,3 +69,71 @@ def test_a_bug_keeps_its_traceback_and_says_so(capsys, monkeypatch, tmp_path):
     assert main(["config", "show"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError" in err and "this is a bug in worldflow" in err
+
+
+def _train_tok(data, run, *extra):
+    return ["train", "tokenizer", "--config", "tiny", "--data", str(data), "--run", str(run),
+            "--no-progress", "data.size=16", *extra]
+
+
+def test_preset_frame_size_differs_from_the_data(capsys, tiny_data, tmp_path):
+    line = cli_error(capsys, _train_tok(tiny_data, tmp_path / "r", "data.size=32"))
+    assert "has 16x16 frames but data.size is 32: pass data.size=16" in line
+    assert not (tmp_path / "r").exists()  # nothing written before the check
+
+
+def test_clips_longer_than_every_episode_name_their_key(capsys, tiny_data, tmp_path):
+    line = cli_error(capsys, _train_tok(tiny_data, tmp_path / "r", "tokenizer.clip_len=5000"))
+    assert "tokenizer.clip_len=5000 asks for 5000-frame clips but the longest training episode" in line
+    assert "lower it" in line
+
+
+def test_another_action_space_in_the_same_run(capsys, tiny_run, tmp_path):
+    """Checked before the phase writes anything, so the (shared) run is left as it was."""
+    from worldflow.data.collect import collect
+
+    other = tmp_path / "cartpole"
+    collect("worldflow/Catch-v0", 1, other, size=16, progress=False, max_steps=8)
+    import json
+
+    m = json.loads((other / "manifest.json").read_text())
+    m["action_space"] = {"type": "Discrete", "n": 5, "start": 0}  # as if another game
+    (other / "manifest.json").write_text(json.dumps(m))
+    before = {p: p.read_bytes() for p in tiny_run.rglob("*.json")}
+    line = cli_error(capsys, ["train", "dynamics", "--config", "tiny", "--data", str(other),
+                              "--run", str(tiny_run), "--no-progress", "data.size=16", "dynamics.long_len=4"])
+    assert "has action space" in line and "was trained on" in line and "new --run" in line
+    assert {p: p.read_bytes() for p in tiny_run.rglob("*.json")} == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["rollout", "--run", "r", "--data", "d", "--out", "o.mp4", "--horizon", "0"],
+     "argument --horizon: must be at least 1, got 0"),
+    (["rollout", "--run", "r", "--data", "d", "--out", "o.mp4", "--steps", "3"],
+     "argument --steps: 3 is not a power of two"),
+    (["eval", "--run", "r", "--horizons", "0,4"],
+     "argument --horizons: expected comma-separated integers >= 1"),
+    (["eval", "--run", "r", "--steps-sweep", "1,3"], "argument --steps-sweep: 3 is not a power of two"),
+    (["collect", "--env", "worldflow/Catch-v0", "--episodes", "0", "--out", "d"],
+     "argument --episodes: must be at least 1, got 0"),
+    (["collect", "--env", "worldflow/Catch-v0", "--episodes", "2", "--out", "d", "--epsilon", "1.5"],
+     "argument --epsilon: must be in [0, 1], got 1.5"),
+    (["collect", "--env", "worldflow/Catch-v0", "--episodes", "two", "--out", "d"],
+     "argument --episodes: 'two' is not a whole number"),
+    (["train", "tokenizer", "--data", "d"], "the following arguments are required: --run"),
+])
+def test_bad_numbers_and_flags_name_their_flag(capsys, argv, message):
+    line = cli_error(capsys, argv)
+    assert message in line and line.endswith("--help)")
+
+
+def test_steps_finer_than_the_model_was_trained_for(capsys, tiny_run, tiny_data, tmp_path):
+    line = cli_error(capsys, ["rollout", "--run", str(tiny_run), "--data", str(tiny_data), "--context", "2",
+                              "--horizon", "2", "--steps", "16", "--out", str(tmp_path / "o.mp4")])
+    assert "--steps 16 is finer than the model was trained for (k_max = 8" in line
+
+
+def test_rollout_longer_than_every_heldout_episode(capsys, tiny_run, tiny_data, tmp_path):
+    line = cli_error(capsys, ["rollout", "--run", str(tiny_run), "--data", str(tiny_data), "--context", "2",
+                              "--horizon", "5000", "--steps", "1", "--out", str(tmp_path / "o.mp4")])
+    assert "--context 2 + horizon 5000 = 5002 frames, but the longest held-out episode" in line

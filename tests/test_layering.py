@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # ``worldflow.data.video``)
 LAYERS: list[tuple[str, ...]] = [
     ("worldflow", "worldflow.config", "worldflow.rng", "worldflow.precision", "worldflow.io",
-     "worldflow.flow", "worldflow.state", "worldflow.checkpoint", "worldflow.errors", "worldflow.envs"),
+     "worldflow.argtypes", "worldflow.flow", "worldflow.state", "worldflow.checkpoint", "worldflow.errors",
+     "worldflow.envs"),  # foundations: no model code
     ("worldflow.nn",),  # transformer maths
     ("worldflow.distributed",),  # process groups, the row split every model-side draw uses
     ("worldflow.data",),  # video I/O, episodes, action spaces, clips, collection

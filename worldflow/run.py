@@ -69,7 +69,9 @@ def phase_config(run: str | Path, phase: str) -> Config:
 
 
 def record_dataset(run: str | Path, data: str | Path) -> None:
-    """Remember the dataset a run was trained on (env id, action space), for envs built from the run."""
+    """Remember the dataset a run was trained on (env id, action space), for envs built from the run.
+
+    Phases call ``worldflow.data.checks.check_dataset`` first: a run keeps one action space."""
     from worldflow.data.episodes import load_manifest
     from worldflow.io import atomic_write_text
 

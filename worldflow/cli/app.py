@@ -53,8 +53,17 @@ def _add_module(sub: argparse._SubParsersAction, name: str, module: str) -> None
         p.set_defaults(func=lambda a, n=name: sys.exit(f"worldflow {n}: not available in this build"))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``worldflow: error: <command>: <message>`` and exit 2.
+
+    Sub-command parsers are made with the class of their parent, so every command gets it."""
+
+    def error(self, message: str):
+        self.exit(2, f"worldflow: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="worldflow", description=__doc__.split("\n")[0],
         epilog="--debug (anywhere) or WORLDFLOW_DEBUG=1: show the traceback of an error in the input")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

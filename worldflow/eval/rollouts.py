@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from worldflow.argtypes import nonneg_int, positive_int, power_of_two
 from worldflow.config import Config
 from worldflow.data.clips import ClipBank
 from worldflow.dynamics.model import DynamicsModel
@@ -138,10 +140,13 @@ def _mean_over(m: dict[int, float], horizons: list[int]) -> float:
 
 
 def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: int, clips: int,
-                     seed: int = 0, progress: bool = True) -> tuple[DynamicsModel, RolloutEvaluator]:
+                     seed: int = 0, progress: bool = True, steps: Sequence[int] = ()
+                     ) -> tuple[DynamicsModel, RolloutEvaluator]:
     """A run's dynamics model (eval mode) and a :class:`RolloutEvaluator` over held-out clips of ``data``.
 
-    ValueError if ``context`` exceeds the frames the model was trained on."""
+    InputError (naming the flag) if ``context`` exceeds the frames the model was trained on, if context +
+    horizon frames exceed the longest held-out episode, or if one of the sampling ``steps`` K is finer
+    than the model's grid (K > k_max)."""
     from worldflow.distributed import device_of
     from worldflow.run import Run, latent_bank
 
@@ -153,7 +158,16 @@ def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: i
     if context > model.cfg.context:
         raise InputError(f"--context {context} exceeds the context the model was trained for "
                          f"({model.cfg.context} frames)")
+    for k in steps:
+        if k > cfg.dynamics.k_max:
+            raise InputError(f"--steps {k} is finer than the model was trained for (k_max = "
+                             f"{cfg.dynamics.k_max}, the smallest step 1/{cfg.dynamics.k_max}): use "
+                             f"--steps {cfg.dynamics.k_max} or less")
     bank = with_frames(latent_bank(run, data, cfg, "heldout", tok, progress), data, cfg, progress)
+    longest = int(bank.lengths.max())
+    if context + horizon > longest:
+        raise InputError(f"--context {context} + horizon {horizon} = {context + horizon} frames, but the "
+                         f"longest held-out episode of {data} has {longest}: lower --context or the horizon")
     ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips, seed=seed,
                           reader=reader_of(data))
     return model, ev
@@ -163,7 +177,8 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
                       steps_sweep: list[int] | None, clips: int, out_dir: Path, progress: bool = True
                       ) -> dict[str, Any]:
     """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model."""
-    model, ev = heldout_rollouts(run, data, context, max(horizons), clips, progress=progress)
+    model, ev = heldout_rollouts(run, data, context, max(horizons), clips, progress=progress,
+                                 steps=[steps, *(steps_sweep or [])])
     t0 = time.time()
     pred = ev.predict(model, steps)
     fps = pred.shape[0] * pred.shape[1] / (time.time() - t0)
@@ -273,9 +288,16 @@ def evaluate_agent_run(run: str | Path, env_id: str, episodes: int, seed: int = 
 
 def _ints(s: str) -> list[int]:
     try:
-        return [int(x) for x in s.split(",") if x.strip()]
+        values = [int(x) for x in s.split(",") if x.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {s!r}")
+    return values
+
+
+def _powers_of_two(s: str) -> list[int]:
+    return [power_of_two(x) for x in _ints(s)]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -301,16 +323,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("--run", required=True, help="run directory with trained checkpoints")
     p.add_argument("--data", help="dataset directory (held-out episodes are used)")
-    p.add_argument("--context", type=int, default=8, help="context frames C")
+    p.add_argument("--context", type=positive_int, default=8, help="context frames C")
     p.add_argument("--horizons", type=_ints, default=list(DEFAULT_HORIZONS), help="e.g. 1,2,4,8,16,32,64")
-    p.add_argument("--steps", type=int, default=4, help="sampling steps K per frame")
-    p.add_argument("--steps-sweep", type=_ints, default=None,
+    p.add_argument("--steps", type=power_of_two, default=4, help="sampling steps K per frame")
+    p.add_argument("--steps-sweep", type=_powers_of_two, default=None,
                    help="also score these K, e.g. 1,2,4,8,16,32,64")
-    p.add_argument("--clips", type=int, default=32, help="held-out clips to score")
+    p.add_argument("--clips", type=positive_int, default=32, help="held-out clips to score")
     p.add_argument("--tokenizer-only", action="store_true", help="only tokenizer reconstruction PSNR/SSIM")
     p.add_argument("--env", help="evaluate the agent in this real env (policy/bc/random/expert return)")
-    p.add_argument("--episodes", type=int, default=20, help="real-env episodes per policy (with --env)")
-    p.add_argument("--seed", type=int, default=12345, help="first env seed (with --env)")
+    p.add_argument("--episodes", type=positive_int, default=20,
+                   help="real-env episodes per policy (with --env)")
+    p.add_argument("--seed", type=nonneg_int, default=12345, help="first env seed (with --env)")
     p.add_argument("--out", help="JSON file to write (default <run>/eval.json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)

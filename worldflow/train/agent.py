@@ -26,6 +26,7 @@ from worldflow.agent.model import AgentModel, imagine
 from worldflow.agent.twohot import twohot_mean
 from worldflow.checkpoint import load_weights
 from worldflow.config import Config, derive, to_dict
+from worldflow.data.checks import check_dataset
 from worldflow.data.clips import ClipBank
 from worldflow.data.spaces import values_to_indices
 from worldflow.distributed import device_of
@@ -81,6 +82,7 @@ def train_bc(cfg: Config, data, run, resume: bool = True, progress: bool = True)
     from worldflow.train.dynamics import PHASE as DYN
 
     device = device_of(cfg)
+    check_dataset(data, cfg, {"data.clip_len": cfg.data.clip_len}, run)
     start_phase(run, "agent_bc", cfg)
     record_dataset(run, data)
     bank = _banks(run, data, cfg, device, progress)

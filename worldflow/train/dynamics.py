@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from worldflow.config import Config, derive, to_dict, warn_if_window_exceeds_training
+from worldflow.data.checks import check_dataset
 from worldflow.distributed import device_of
 from worldflow.dynamics import DynamicsModel, dynamics_loss
 from worldflow.dynamics.model import build_dynamics
@@ -31,6 +32,9 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     tok, tok_cfg = load_tokenizer(run, device)
     # The tokenizer fixes the latent shape and frame size: the dynamics model must agree with it.
     cfg = derive(cfg, tokenizer=tok_cfg.tokenizer, **{"data.size": tok_cfg.data.size})
+    dyn = cfg.dynamics
+    check_dataset(data, cfg, {"data.clip_len": cfg.data.clip_len,
+                              **({"dynamics.long_len": dyn.long_len} if dyn.long_every > 0 else {})}, run)
     start_phase(run, PHASE, cfg)
     record_dataset(run, data)
     torch.manual_seed(cfg.train_dynamics.seed)
@@ -39,7 +43,6 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     held_bank = with_frames(latent_bank(run, data, cfg, "heldout", tok, progress), data, cfg, progress)
     model = build_dynamics(cfg, space).to(device)
     trainer = Trainer(model, cfg.train_dynamics, run, PHASE, to_dict(cfg), progress=progress)
-    dyn = cfg.dynamics
     warn_if_window_exceeds_training("dynamics", dyn.context,
                                     max(cfg.data.clip_len, dyn.long_len if dyn.long_every > 0 else 0))
     context = min(8, dyn.context)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from worldflow.config import Config, to_dict, warn_if_window_exceeds_training
+from worldflow.data.checks import check_dataset
 from worldflow.data.clips import load_clips
 from worldflow.distributed import device_of
 from worldflow.eval.reconstruction import evaluate_tokenizer
@@ -28,6 +29,8 @@ def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, p
     """Train the tokenizer; returns the trainer summary with the final held-out metrics."""
     from worldflow.eval.rollouts import reader_of
 
+    clips = {"tokenizer.clip_len": cfg.tokenizer.clip_len, "data.clip_len": cfg.data.clip_len}
+    check_dataset(data, cfg, clips, run)  # before anything is written to the run
     phase_dir = start_phase(run, PHASE, cfg)
     record_dataset(run, data)
     torch.manual_seed(cfg.train_tokenizer.seed)

@@ -1,0 +1,54 @@
+"""argparse ``type=`` callables that validate a number when the command line is parsed.
+
+argparse turns the ArgumentTypeError into ``worldflow COMMAND: error: argument --flag: <message>`` with
+exit code 2, so every bad number names its own flag before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["positive_int", "nonneg_int", "probability", "power_of_two"]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    """An int >= 1."""
+    n = _int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def nonneg_int(text: str) -> int:
+    """An int >= 0 (seeds)."""
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def probability(text: str) -> float:
+    """A float in [0, 1]."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {x}")
+    return x
+
+
+def power_of_two(text: str) -> int:
+    """A power of two >= 1: shortcut models are trained at step sizes d = 1/2^k (Shortcut Models §3)."""
+    n = positive_int(text)
+    if n & (n - 1):
+        raise argparse.ArgumentTypeError(
+            f"{n} is not a power of two (1, 2, 4, 8, ...): the model is trained at step sizes d = 1/2^k")
+    return n

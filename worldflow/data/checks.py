@@ -1,0 +1,50 @@
+"""Checks of a dataset against the config a phase is about to train with, before any work is done.
+
+Each mismatch is a :class:`~worldflow.errors.DataMismatchError` that gives both values, the config key
+and the fix, instead of a shape error deep inside a model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from worldflow.config import Config
+from worldflow.data.dataset import select_episodes
+from worldflow.data.episodes import load_manifest
+from worldflow.errors import DataMismatchError
+
+__all__ = ["check_dataset", "check_action_space"]
+
+
+def check_dataset(root: str | Path, cfg: Config, clips: dict[str, int], run: str | Path | None = None
+                  ) -> None:
+    """Frame size against ``data.size``; each ``clips`` entry (config key -> frames per clip) against the
+    longest training episode; the action space against the one ``run`` was trained on (its
+    ``dataset.json``), when given. Phases call it before they write anything."""
+    manifest = load_manifest(root)
+    if run is not None and (Path(run) / "dataset.json").exists():
+        recorded = json.loads((Path(run) / "dataset.json").read_text()).get("action_space")
+        check_action_space(root, recorded, run)
+    h, w = manifest["frame_shape"][:2]
+    if (h, w) != (cfg.data.size, cfg.data.size):
+        raise DataMismatchError(
+            f"dataset {root} has {h}x{w} frames but data.size is {cfg.data.size}: pass data.size={h} (or a "
+            f"preset made for {h}-pixel frames), or collect the data again with --size {cfg.data.size}")
+    train = select_episodes(manifest, "train", cfg.data.holdout_fraction)
+    longest = max((int(e["num_frames"]) for e in train), default=0)
+    for key, frames in clips.items():
+        if frames > longest:
+            raise DataMismatchError(
+                f"{key}={frames} asks for {frames}-frame clips but the longest training episode of {root} "
+                f"has {longest} frames: lower it ({key}={longest} or less) or collect longer episodes")
+
+
+def check_action_space(root: str | Path, recorded: dict[str, Any] | None, run: str | Path) -> None:
+    """A run keeps the action space of the data it was trained on: new data must have the same one."""
+    new = load_manifest(root)["action_space"]
+    if recorded is not None and recorded != new:
+        raise DataMismatchError(
+            f"dataset {root} has action space {new} but run {run} was trained on {recorded}: train this "
+            f"dataset in a new --run, or pass the dataset the run was trained on")
