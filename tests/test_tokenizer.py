@@ -189,6 +189,32 @@ def test_loss_normalisation_constant_error_tends_to_one():
     assert "lpips" not in terms  # lpips_path empty -> term absent
 
 
+def test_hard_patch_term_is_the_mean_of_each_frames_worst_patches():
+    """tokenizer.hard_patch_weight adds mean_{b,t} mean_{k worst patches} MSE_patch over its running RMS;
+    checked against a loop over frames and patches. Off (weight 0), the loss and its buffers are as before."""
+    cfg = tiny_cfg(hard_patch_weight=0.5, hard_patch_frac=0.25)  # 16x16 frames, patch 4: 16 patches, k = 4
+    loss_fn = TokenizerLoss(cfg).train()
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, SIZE, SIZE, 3, generator=gen)
+    recon = torch.rand(2, 3, SIZE, SIZE, 3, generator=gen)
+    loss, terms = loss_fn(recon, target)
+    p, worst = cfg.patch, []
+    for b in range(2):
+        for t in range(3):
+            err = (recon[b, t] - target[b, t]) ** 2
+            per_patch = sorted(err[i:i + p, j:j + p].mean().item()
+                               for i in range(0, SIZE, p) for j in range(0, SIZE, p))
+            worst.append(sum(per_patch[-4:]) / 4)
+    hard = sum(worst) / len(worst)
+    assert terms["hard_mse"].item() == pytest.approx(hard, rel=1e-5)
+    mse = ((recon - target) ** 2).mean().item()
+    want = mse / terms["mse_rms"].item() + 0.5 * hard / terms["hard_rms"].item()
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert loss.item() == pytest.approx(1.5, rel=1e-4)  # first step: each RMS equals its term
+    off = TokenizerLoss(tiny_cfg())
+    assert "hard_mse" not in off(recon, target)[1] and not any("hard" in k for k in off.state_dict())
+
+
 def test_running_rms_tracks_ema_of_squares_and_freezes_in_eval():
     rms = RunningRMS(0.9).train()
     vals = torch.rand(50) * 3

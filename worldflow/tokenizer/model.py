@@ -253,7 +253,8 @@ class TokenizerLoss(nn.Module):
         self.lpips_weight, self.eps = cfg.lpips_weight, eps
         self.patch, self.hard_weight, self.hard_frac = cfg.patch, cfg.hard_patch_weight, cfg.hard_patch_frac
         self.mse_rms = RunningRMS(cfg.rms_decay)
-        self.hard_rms = RunningRMS(cfg.rms_decay)
+        if self.hard_weight > 0:  # only then: checkpoints without the term keep their exact keys
+            self.hard_rms = RunningRMS(cfg.rms_decay)
         self.lpips_rms = RunningRMS(cfg.rms_decay)
         lp = None
         if cfg.lpips_path and cfg.lpips_weight > 0:
