@@ -234,3 +234,30 @@ def test_resume_with_another_config_names_the_keys_that_differ(tiny_data, tiny_c
     msg = str(e.value)
     assert "trained with another config (tokenizer.transformer.width: 32 -> 48)" in msg
     assert "--no-resume" in msg and "train_tokenizer.steps" not in msg and len(msg) < 400
+
+
+def test_a_second_process_writing_the_same_run_stops_with_the_holders_pid(tmp_path):
+    """While a phase trains, <run>/.lock is held; another process (here: a child holding the lock) makes
+    a second trainer stop with a named error before it touches anything; the lock is freed afterwards."""
+    import subprocess
+    import sys
+
+    from worldflow.io import RunLockedError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from worldflow.io import run_lock\n"
+         f"with run_lock({str(tmp_path)!r}, 'training toy'):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = TrainConfig(steps=2, batch=4, warmup=1, log_every=1, eval_every=0, ckpt_every=2)
+        held_by = f"is in use by pid {holder.pid} .*training toy.*another --run"
+        with pytest.raises(RunLockedError, match=held_by):
+            Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False).fit(_batch, _loss)
+        assert not (tmp_path / "toy" / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    t = Trainer(_model(), cfg, tmp_path, "toy", {}, progress=False)  # the kernel freed the dead holder's lock
+    t.fit(_batch, _loss)
+    assert t.step == 2 and (tmp_path / ".lock").read_text() == ""

@@ -338,3 +338,15 @@ def test_play_episodes_aligns_frames_actions_rewards_and_caps_by_truncation():
     assert played.returns.tolist() == [sum(r.rewards) for r in played.records]
     flags = [(r.terminated, r.truncated) for r in played.records]
     assert flags == [(True, False), (True, False), (False, True)]  # the 9-step episode hit the cap at 6
+
+
+def test_import_worldflow_registers_the_envs_in_a_fresh_interpreter():
+    """`import worldflow` is enough for gymnasium.make; gymnasium's module:id form needs no import at all."""
+    import subprocess
+    import sys
+
+    code = ("import gymnasium as gym, worldflow; gym.make('worldflow/Catch-v0'); "
+            "assert gym.spec('worldflow/WorldModel-v0').entry_point.endswith('WorldModelEnv')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    no_import = "import gymnasium as gym; gym.make('worldflow.envs:worldflow/Catch-v0')"
+    subprocess.run([sys.executable, "-c", no_import], check=True, timeout=120)

@@ -2,16 +2,21 @@
 
 :func:`atomic_path` is the one implementation: a temporary file in the same folder, fsync, rename.
 :func:`atomic_write_bytes` / :func:`atomic_write_text` are its two common uses. (A checkpoint is a whole
-directory made atomic the same way, in :mod:`worldflow.checkpoint`.)
+directory made atomic the same way, in :mod:`worldflow.checkpoint`.) :func:`run_lock` keeps a second
+process from writing the same run directory.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from worldflow.errors import WorldflowError
 
 
 @contextmanager
@@ -50,3 +55,44 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class RunLockedError(WorldflowError, RuntimeError):
+    """Another process is writing the same run directory."""
+
+
+@contextmanager
+def run_lock(run: str | Path, what: str) -> Iterator[None]:
+    """Hold ``<run>/.lock`` (an exclusive ``flock``, released by the kernel if the holder dies) for as long
+    as the block runs; a second process raises RunLockedError naming the holder's pid.
+
+    Under torchrun only rank 0 takes it (the trainer skips it on the other ranks, which write nothing on
+    their own). Where ``fcntl`` does not exist (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(run) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that left no note"
+        f.close()
+        raise RunLockedError(f"run directory {run} is in use by {holder} (lock file {path}): wait for it to "
+                             f"finish or stop it, or use another --run") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} ({what}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
+        f.flush()
+        yield
+    finally:
+        f.truncate(0)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

@@ -32,6 +32,7 @@ from worldflow.checkpoint import (
 )
 from worldflow.config import TrainConfig, config_diff
 from worldflow.errors import WorldflowError
+from worldflow.io import run_lock
 from worldflow.run import checkpoints_dir
 from worldflow.train.runlog import RunLogger
 
@@ -274,8 +275,14 @@ class Trainer:
         Summary keys: step, planned_steps (cfg.steps), train, eval, minutes, precision ("bf16" | "fp32"),
         capped (True when the ``max_minutes`` safety cap stopped the phase before ``planned_steps``; the
         schedule then did not complete and the result is not the preset's) and stopped_by_time (the same
-        flag, older name).
+        flag, older name). The run directory is locked while it runs (worldflow.io.run_lock): a second
+        process training into it stops with RunLockedError.
         """
+        with run_lock(self.run_dir, f"training {self.phase}") if distributed.is_main() else nullcontext():
+            return self._fit(batch_fn, loss_fn, eval_fn, resume)
+
+    def _fit(self, batch_fn: Callable[[torch.Generator], Any], loss_fn: Callable,
+             eval_fn: Callable[[int], dict[str, float]] | None, resume: bool) -> dict[str, Any]:
         if resume:
             self.resume()
         self._step_module.batch_fn, self._step_module.loss_fn = batch_fn, loss_fn
