@@ -137,3 +137,37 @@ def test_rollout_longer_than_every_heldout_episode(capsys, tiny_run, tiny_data, 
     line = cli_error(capsys, ["rollout", "--run", str(tiny_run), "--data", str(tiny_data), "--context", "2",
                               "--horizon", "5000", "--steps", "1", "--out", str(tmp_path / "o.mp4")])
     assert "--context 2 + horizon 5000 = 5002 frames, but the longest held-out episode" in line
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config", "huge"], "unknown preset 'huge' (known: base, small, tiny)"),
+    (["train_tokenizer.steps=ten"], "config key 'train_tokenizer.steps': expected int, got 'ten'"),
+    (["data.on_corrupt=ignore"],
+     "config key 'data.on_corrupt': expected one of ['error', 'skip'], got 'ignore'"),
+    (["agent.bins=["], "override 'agent.bins=[': '[' is not a YAML value"),
+    (["train_bc.head_lr=1e-3"], "config key 'train_bc.head_lr' was replaced by head_lr_scale"),
+    (["data.cross_episode=true"], "config key 'data.cross_episode' was removed"),
+])
+def test_config_errors_are_one_line(capsys, tiny_data, tmp_path, extra, message):
+    argv = ["train", "tokenizer", "--config", "tiny", "--data", str(tiny_data), "--run", str(tmp_path / "r"),
+            "--no-progress", *extra]
+    assert message in cli_error(capsys, argv)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_that_is_not_a_dataset(capsys, tmp_path):
+    line = cli_error(capsys, ["train", "tokenizer", "--config", "tiny", "--data", str(tmp_path),
+                              "--run", str(tmp_path / "r")])
+    assert "has no manifest.json; create one with `worldflow collect" in line
+
+
+def test_unknown_env_id_suggests_close_ones(capsys, tmp_path):
+    line = cli_error(capsys, ["collect", "--env", "CartPole-v9", "--episodes", "1",
+                              "--out", str(tmp_path / "c")])
+    assert "unknown environment id 'CartPole-v9'" in line and "did you mean 'CartPole-v1'" in line
+
+
+def test_dynamics_before_the_tokenizer(capsys, tiny_data, tmp_path):
+    line = cli_error(capsys, ["train", "dynamics", "--config", "tiny", "--data", str(tiny_data),
+                              "--run", str(tmp_path / "fresh"), "--no-progress", "data.size=16"])
+    assert "has no tokenizer checkpoint: run `worldflow train tokenizer" in line

@@ -34,7 +34,7 @@ class DataConfig:
     size: int = 64  # frame height = width in pixels
     clip_len: int = 16  # frames per training clip
     holdout_fraction: float = 0.1  # share of episodes held out (by episode, deterministic)
-    on_corrupt: str = "error"  # "error" | "skip": what a broken video file does
+    on_corrupt: Literal["error", "skip"] = "error"  # what a broken video file does
     num_workers: int = 0  # worker processes decoding streamed clips (0 = in the main process)
     memory_mb: float = 4096.0  # a split whose decoded frames exceed this many MiB is streamed from disk
 
@@ -43,7 +43,7 @@ class DataConfig:
 class CollectConfig:
     env: str = "worldflow/Catch-v0"  # gymnasium env id episodes are collected from
     episodes: int = 100  # episodes of the main behaviour policy
-    policy: str = "epsilon-expert"  # random | expert | epsilon-expert
+    policy: Literal["random", "expert", "epsilon-expert"] = "epsilon-expert"  # behaviour policy
     epsilon: float = 0.3  # random-action rate of the epsilon-expert policy
     random_episodes: int = 0  # extra episodes of a random policy appended after the main ones
     action_repeat: int = 1  # repeat each action K env steps
@@ -65,7 +65,7 @@ class TransformerConfig:
     qk_norm: bool = True  # RMS-normalise queries and keys per head before the dot product
     rope_base: float = 10000.0  # RoPE base frequency
     dropout: float = 0.0  # residual dropout
-    backend: str = "auto"  # auto | sdpa | math | xformers
+    backend: Literal["auto", "sdpa", "math", "xformers"] = "auto"  # attention kernel
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class DynamicsConfig:
     pack: int = 1  # tokenizer latents packed into one spatial token
     agent_tokens: int = 1  # agent tokens per frame (world tokens never attend to them)
     num_tasks: int = 1  # task embeddings for the agent tokens
-    objective: str = "shortcut"  # shortcut | flow_x | flow_v
+    objective: Literal["shortcut", "flow_x", "flow_v"] = "shortcut"  # training objective
     k_max: int = 64  # K_max, a power of two: the finest step is d_min = 1/K_max
     bootstrap_fraction: float = 0.25  # share of rows trained with a bootstrapped shortcut target (d > d_min)
     ramp_weight: bool = True  # loss weight 0.9 tau + 0.1 (Dreamer 4's ramp)
@@ -286,9 +286,15 @@ def apply_override(cfg: Config, override: str) -> Config:
         raise ConfigError(f"override '{override}' is not of the form key=value")
     path, raw = override.split("=", 1)
     parts = path.strip().split(".")
-    value: Any = yaml.safe_load(raw) if raw != "" else ""
     if _field_type(cfg, parts) is str:
-        value = raw
+        value: Any = raw
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"override '{override}': {raw!r} is not a YAML value ({first}); quote a "
+                              f"string, write lists as [1, 2]") from None
     nested: dict[str, Any] = {}
     cur = nested
     for p in parts[:-1]:

@@ -131,8 +131,8 @@ def action_shape(space_dict: dict[str, Any]) -> tuple[int, ...]:
 # Checking and converting env actions
 
 
-def _bad(space: gym.Space, action: Any, reason: str) -> ValueError:
-    return ValueError(f"bad action for action space {space}: {reason}; got {action!r}")
+def _bad(space: gym.Space, action: Any, reason: str) -> InputError:
+    return InputError(f"bad action for action space {space}: {reason}; got {action!r}")
 
 
 def event_shape(space: gym.Space) -> tuple[int, ...]:
