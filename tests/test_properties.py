@@ -12,7 +12,7 @@ from gymnasium import spaces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worldflow.config import Config, ConfigError, load_config, to_dict
+from worldflow.config import Config, ConfigError, _field_type, load_config, to_dict
 from worldflow.data.spaces import (
     action_to_tensor,
     check_action,
@@ -23,7 +23,9 @@ from worldflow.data.spaces import (
 )
 from worldflow.errors import InputError
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples on every run, so CI never fails on a draw a developer cannot replay
+SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 small = st.integers(-5, 5)
 discrete = st.builds(lambda n, s: spaces.Discrete(n, start=s), st.integers(1, 20), small)
@@ -98,8 +100,8 @@ def test_any_override_applies_or_fails_with_config_error(key, value):
         assert key.split(".")[0] in str(e) or "override" in str(e)
         return
     got = dict(_fields(cfg))[key]
-    if isinstance(FIELDS[key], str):
-        assert got == text  # a string field keeps the text as written
+    if _field_type(Config(), key.split(".")) is str:
+        assert got == text  # a plain string field keeps the text as written
     elif isinstance(FIELDS[key], bool) or isinstance(value, bool):
         assert got == value
     elif isinstance(FIELDS[key], (int, float)) and not isinstance(value, str):
