@@ -345,8 +345,10 @@ def test_import_worldflow_registers_the_envs_in_a_fresh_interpreter():
     import subprocess
     import sys
 
-    code = ("import gymnasium as gym, worldflow; gym.make('worldflow/Catch-v0'); "
-            "assert gym.spec('worldflow/WorldModel-v0').entry_point.endswith('WorldModelEnv')")
+    code = ("import sys, gymnasium as gym, worldflow; gym.make('worldflow/Catch-v0'); "
+            "assert gym.spec('worldflow/WorldModel-v0').entry_point.endswith('WorldModelEnv'); "
+            "assert 'torch' not in sys.modules; "  # the main classes below are imported on first use
+            "assert worldflow.Run.__name__ == 'Run' and worldflow.WorldModelEnv")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     no_import = "import gymnasium as gym; gym.make('worldflow.envs:worldflow/Catch-v0')"
     subprocess.run([sys.executable, "-c", no_import], check=True, timeout=120)
