@@ -215,6 +215,17 @@ def test_hard_patch_term_is_the_mean_of_each_frames_worst_patches():
     assert "hard_mse" not in off(recon, target)[1] and not any("hard" in k for k in off.state_dict())
 
 
+def test_hard_patch_linear_schedule_falls_to_zero_and_follows_the_checkpointed_step():
+    cfg = tiny_cfg(hard_patch_weight=2.0, hard_patch_schedule="linear", hard_patch_steps=4)
+    loss_fn = TokenizerLoss(cfg).train()
+    x = torch.rand(1, 2, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(0))
+    weights = [float(loss_fn(x * 0.9, x)[1]["hard_weight"]) for _ in range(6)]
+    assert weights == pytest.approx([1.5, 1.0, 0.5, 0.0, 0.0, 0.0])  # 2 * (1 - step / 4), step = 1, 2, ...
+    resumed = TokenizerLoss(cfg).train()
+    resumed.load_state_dict({k: v for k, v in loss_fn.state_dict().items()})
+    assert float(resumed(x * 0.9, x)[1]["hard_weight"]) == 0.0  # the step came back with the buffers
+
+
 def test_running_rms_tracks_ema_of_squares_and_freezes_in_eval():
     rms = RunningRMS(0.9).train()
     vals = torch.rand(50) * 3

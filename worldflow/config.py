@@ -80,6 +80,8 @@ class TokenizerConfig:
     rms_decay: float = 0.99  # running RMS estimate for loss normalisation
     hard_patch_weight: float = 0.0  # weight of the worst-patches MSE term (0 = off; not in Dreamer 4)
     hard_patch_frac: float = 0.0625  # share of each frame's patches, the worst, that the term averages
+    hard_patch_schedule: Literal["constant", "linear"] = "constant"  # linear: the weight falls to 0 ...
+    hard_patch_steps: int = 1000  # ... over this many training steps (the linear schedule only)
     clip_len: int = 16  # frames per tokenizer training clip; short clips train faster
     context: int = 16  # temporal attention window in frames (whole-clip and streaming alike)
 

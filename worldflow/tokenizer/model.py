@@ -252,6 +252,7 @@ class TokenizerLoss(nn.Module):
         super().__init__()
         self.lpips_weight, self.eps = cfg.lpips_weight, eps
         self.patch, self.hard_weight, self.hard_frac = cfg.patch, cfg.hard_patch_weight, cfg.hard_patch_frac
+        self.hard_schedule, self.hard_steps = cfg.hard_patch_schedule, cfg.hard_patch_steps
         self.mse_rms = RunningRMS(cfg.rms_decay)
         if self.hard_weight > 0:  # only then: checkpoints without the term keep their exact keys
             self.hard_rms = RunningRMS(cfg.rms_decay)
@@ -277,8 +278,9 @@ class TokenizerLoss(nn.Module):
         if self.hard_weight > 0:
             hard = self.hard_patch_mse(recon, target)
             hard_rms = self.hard_rms(hard)
-            loss = loss + self.hard_weight * hard / (hard_rms + self.eps)
-            terms.update(hard_mse=hard.detach(), hard_rms=hard_rms)
+            w = self.hard_weight_now()
+            loss = loss + w * hard / (hard_rms + self.eps)
+            terms.update(hard_mse=hard.detach(), hard_rms=hard_rms, hard_weight=w.detach())
         if self.lpips is not None:
             lp = self.lpips.to(recon.device)
             a = rearrange(recon * 2 - 1, "... h w c -> (...) c h w")
@@ -289,6 +291,15 @@ class TokenizerLoss(nn.Module):
             terms.update(lpips=dist.detach(), lpips_rms=lp_rms)
         return loss, terms
 
+
+    def hard_weight_now(self) -> Tensor:
+        """The worst-patches weight at this training step: constant, or falling linearly from
+        ``hard_patch_weight`` to 0 over ``hard_patch_steps`` steps (the step is the running RMS's update
+        count, so it is checkpointed with the loss and resumes exactly)."""
+        w = torch.tensor(float(self.hard_weight))
+        if self.hard_schedule == "linear":
+            w = w * (1.0 - self.mse_rms.count.float() / max(1, self.hard_steps)).clamp(min=0.0)
+        return w
 
     def hard_patch_mse(self, recon: Tensor, target: Tensor) -> Tensor:
         """Mean MSE of each frame's worst ``hard_frac`` of patches: (B, T, H, W, 3) pair -> scalar.
