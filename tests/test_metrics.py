@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from worldflow.eval.metrics import psnr, ssim
@@ -55,3 +56,22 @@ def test_object_match_counts_exact_frames_only():
     assert m["ball"].shape == (2, 3) and m["paddle"].shape == (2, 3)
     assert m["ball"].tolist() == [[True, False, True], [True, True, False]]
     assert m["paddle"].all()  # no paddle anywhere, in both
+
+
+def test_frechet_distance_against_closed_forms():
+    """Identical sets give 0; a shifted copy gives ||c||^2; a scaled copy (mu -> s mu, S -> s^2 S) gives
+    (1 - s)^2 (||mu||^2 + Tr S), all from the same sample, so the values are exact up to float error."""
+    from worldflow.eval.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g) @ torch.randn(6, 6, generator=g) + torch.randn(6, generator=g)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    c = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0])
+    assert frechet_distance(x, x + c) == pytest.approx(float(c.square().sum()), rel=1e-6)
+    s = 1.7
+    mu, cov = x.double().mean(0), torch.cov(x.double().T)
+    want = (1 - s) ** 2 * float(mu.square().sum() + torch.trace(cov))
+    assert frechet_distance(x, s * x) == pytest.approx(want, rel=1e-6)
+    assert frechet_distance(x, x[torch.randperm(500, generator=g)]) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="feature sets"):
+        frechet_distance(x, x[:, :3])

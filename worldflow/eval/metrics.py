@@ -62,6 +62,31 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 7, sigma: float
     return per.view(lead)
 
 
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets x (N, D) and y (M, D):
+
+        ||mu_x - mu_y||^2 + Tr(S_x + S_y - 2 (S_x S_y)^(1/2))
+
+    (the distance behind FID, Heusel et al. 2017, on whatever features are given). Computed in float64;
+    the trace of the matrix square root is the sum of sqrt(eigenvalues) of S_x^(1/2) S_y S_x^(1/2), which
+    is symmetric positive semi-definite, so no complex square root or iterative solver is needed.
+    Covariances use N - 1 (unbiased). Returns a float >= 0.
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected feature sets (N, D) and (M, D), got {tuple(x.shape)}, {tuple(y.shape)}")
+    if min(len(x), len(y)) < 2:
+        raise ValueError("each feature set needs at least 2 rows for a covariance")
+    x, y = x.double(), y.double()
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    dim = x.shape[1]
+    s_x, s_y = torch.cov(x.T).reshape(dim, dim), torch.cov(y.T).reshape(dim, dim)  # D = 1: cov is 0-d
+    evals, evecs = torch.linalg.eigh(s_x)
+    root_x = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T  # S_x^(1/2)
+    cross = torch.linalg.eigvalsh(root_x @ s_y @ root_x).clamp(min=0).sqrt().sum()
+    d = (mu_x - mu_y).square().sum() + torch.trace(s_x) + torch.trace(s_y) - 2 * cross
+    return float(d.clamp(min=0))
+
+
 def object_match(got: dict, want: dict, lead: int) -> dict:
     """Per object: does each predicted frame have exactly the true object cells?
 
