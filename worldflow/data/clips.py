@@ -25,6 +25,14 @@ from tqdm.auto import tqdm
 
 from worldflow import rng
 from worldflow.config import DataConfig
+from worldflow.errors import DataMismatchError
+
+
+def _too_short(clip_len: int, lengths: torch.Tensor) -> DataMismatchError:
+    return DataMismatchError(
+        f"no episode has {clip_len} frames (longest: {int(lengths.max())}): lower the clip length that asks "
+        f"for them (data.clip_len, tokenizer.clip_len or dynamics.long_len; for evaluation the context plus "
+        f"horizon) or collect longer episodes")
 
 
 def random_windows(lengths: torch.Tensor, batch: int, clip_len: int, gen: torch.Generator
@@ -33,7 +41,7 @@ def random_windows(lengths: torch.Tensor, batch: int, clip_len: int, gen: torch.
     ``lengths`` (E,) frames; every window equally likely (so episodes weigh by their window count)."""
     n_win = (lengths - clip_len + 1).clamp(min=0)
     if int(n_win.sum()) == 0:
-        raise ValueError(f"no episode has {clip_len} frames (longest: {int(lengths.max())})")
+        raise _too_short(clip_len, lengths)
     flat = rng.randint(int(n_win.sum()), (batch,), gen, n_win.device)
     cum = torch.cumsum(n_win, 0)
     ep = torch.searchsorted(cum, flat, right=True)
@@ -50,7 +58,7 @@ def fixed_windows(lengths: torch.Tensor, n: int, clip_len: int) -> tuple[list[in
     """
     eligible = [i for i, L in enumerate(lengths.tolist()) if L >= clip_len]
     if not eligible:
-        raise ValueError(f"no episode has {clip_len} frames (longest: {int(lengths.max())})")
+        raise _too_short(clip_len, lengths)
     picks = [eligible[k % len(eligible)] for k in range(n)]
     starts = [((k + 1) * 7919) % (int(lengths[e]) - clip_len + 1) for k, e in enumerate(picks)]
     return picks, starts
@@ -232,12 +240,13 @@ class DiskClips:
 
     def close(self) -> None:
         """Stop the worker processes and close the decoders."""
-        if self._pool is not None:
+        if getattr(self, "_pool", None) is not None:
             self._pool.terminate()
             self._pool = None
-        self.dataset.close()
+        if hasattr(self, "dataset"):
+            self.dataset.close()
 
-    def __del__(self):
+    def __del__(self):  # also after a failed __init__, hence the getattr guards in close
         self.close()
 
 
