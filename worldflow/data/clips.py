@@ -229,7 +229,9 @@ class DiskClips:
             if self._pool is None:
                 import multiprocessing as mp
 
-                self._pool = mp.get_context("fork").Pool(self.num_workers, _init_worker, (self.dataset,))
+                # spawn, not fork: forking a process that runs torch's (and tqdm's) threads can copy a held
+                # lock into the child, which then waits forever (seen once in the test suite)
+                self._pool = mp.get_context("spawn").Pool(self.num_workers, _init_worker, (self.dataset,))
             items = self._pool.map(_read_in_worker, segs)
         else:
             items = [self._read(seg) for seg in segs]
