@@ -121,25 +121,28 @@ def checkpoint_dirs(ckpt_root: str | Path) -> list[Path]:
     ``latest.json`` names leads when it exists): the order resume tries them in."""
     root = Path(ckpt_root)
     dirs = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
-    ptr = root / "latest.json"
-    if ptr.exists():
-        try:
-            named = root / json.loads(ptr.read_text())["dir"]
-        except (ValueError, KeyError, TypeError):
-            named = None
-        if named in dirs:
-            dirs.remove(named)
-            dirs.insert(0, named)
+    try:
+        named = _pointed_at(root)
+    except (ValueError, KeyError, TypeError):  # an unreadable latest.json: the step order decides
+        named = None
+    if named in dirs:
+        dirs.remove(named)
+        dirs.insert(0, named)
     return dirs
+
+
+def _pointed_at(root: Path) -> Path | None:
+    """The checkpoint directory ``latest.json`` names, or None when there is no ``latest.json``."""
+    ptr = root / "latest.json"
+    return root / json.loads(ptr.read_text())["dir"] if ptr.exists() else None
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     """The directory ``latest.json`` points at, or None when there is no checkpoint yet."""
     root = Path(ckpt_root)
-    ptr = root / "latest.json"
-    if not ptr.exists():
+    d = _pointed_at(root)
+    if d is None:
         return None
-    d = root / json.loads(ptr.read_text())["dir"]
     if not (d / "model.safetensors").exists():
         raise CheckpointError(f"latest.json in {root} points at {d.name}, which is incomplete or missing")
     return d

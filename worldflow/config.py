@@ -297,12 +297,19 @@ def apply_override(cfg: Config, override: str) -> Config:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"override '{override}': {raw!r} is not a YAML value ({first}); quote a "
                               f"string, write lists as [1, 2]") from None
+    return merge(cfg, _nest({path.strip(): value}))
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted paths -> a nested mapping: ``{"a.b": 1, "a.c": 2}`` -> ``{"a": {"b": 1, "c": 2}}``."""
     nested: dict[str, Any] = {}
-    cur = nested
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
-    return merge(cfg, nested)
+    for path, value in flat.items():
+        *head, last = path.split(".")
+        cur = nested
+        for p in head:
+            cur = cur.setdefault(p, {})
+        cur[last] = value
+    return nested
 
 
 def _field_type(obj: Any, parts: list[str]) -> Any:
@@ -347,14 +354,7 @@ def derive(cfg: Any, **changes: Any) -> Any:
 
     Configs are never mutated after loading; code that needs another value derives a new config.
     """
-    nested: dict[str, Any] = {}
-    for path, value in changes.items():
-        *head, last = path.split(".")
-        cur = nested
-        for p in head:
-            cur = cur.setdefault(p, {})
-        cur[last] = value
-    return _replace_nested(cfg, nested)
+    return _replace_nested(cfg, _nest(changes))
 
 
 def _replace_nested(obj: Any, nested: dict[str, Any]) -> Any:

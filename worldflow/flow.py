@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from worldflow import rng
+from worldflow.errors import InputError
 
 ModelFn = Callable[..., Tensor]
 
@@ -88,11 +89,16 @@ def check_k_max(k_max: int) -> int:
     return k_max.bit_length() - 1
 
 
-def check_steps(steps: int, k_max: int | None = None) -> None:
-    """Sampling steps K must be a power of two (so d = 1/K is on the grid) and at most K_max."""
+def check_steps(steps: int, k_max: int | None = None, flag: str | None = None) -> None:
+    """Sampling steps K must be a power of two (so d = 1/K is on the grid) and at most K_max.
+
+    InputError (a ValueError); with ``flag`` (the CLI's ``--steps``) the message names the flag."""
     check_k_max(steps)
     if k_max is not None and steps > k_max:
-        raise ValueError(f"steps K={steps} exceeds k_max={k_max}: d=1/K is not on the trained grid")
+        if flag:
+            raise InputError(f"{flag} {steps} is finer than the model was trained for (k_max = {k_max}, the "
+                             f"smallest step 1/{k_max}): use {flag} {k_max} or less")
+        raise InputError(f"steps K={steps} exceeds k_max={k_max}: d=1/K is not on the trained grid")
 
 
 def tau_index(tau: Tensor, k_max: int) -> Tensor:

@@ -26,7 +26,7 @@ def check_dataset(root: str | Path, cfg: Config, clips: dict[str, int], run: str
     manifest = load_manifest(root)
     if run is not None and (Path(run) / "dataset.json").exists():
         recorded = json.loads((Path(run) / "dataset.json").read_text()).get("action_space")
-        check_action_space(root, recorded, run)
+        check_action_space(root, manifest["action_space"], recorded, run)
     h, w = manifest["frame_shape"][:2]
     if (h, w) != (cfg.data.size, cfg.data.size):
         raise DataMismatchError(
@@ -41,9 +41,10 @@ def check_dataset(root: str | Path, cfg: Config, clips: dict[str, int], run: str
                 f"has {longest} frames: lower it ({key}={longest} or less) or collect longer episodes")
 
 
-def check_action_space(root: str | Path, recorded: dict[str, Any] | None, run: str | Path) -> None:
-    """A run keeps the action space of the data it was trained on: new data must have the same one."""
-    new = load_manifest(root)["action_space"]
+def check_action_space(root: str | Path, new: dict[str, Any], recorded: dict[str, Any] | None,
+                       run: str | Path) -> None:
+    """A run keeps the action space of the data it was trained on: ``new`` (dataset ``root``'s) must be
+    the ``recorded`` one."""
     if recorded is not None and recorded != new:
         raise DataMismatchError(
             f"dataset {root} has action space {new} but run {run} was trained on {recorded}: train this "

@@ -220,8 +220,7 @@ class DiskClips:
         return ClipBank(eps, self.ids)
 
     def _read(self, seg: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-        item = self.dataset._load([seg])
-        return {k: item[k] for k in CLIP_KEYS}
+        return _read_clip(self.dataset, seg)
 
     def _gather(self, eps: list[int], starts: list[int], clip_len: int) -> dict[str, torch.Tensor]:
         segs = [(self.positions[e], s, s + clip_len) for e, s in zip(eps, starts)]
@@ -258,10 +257,14 @@ _WORKER_DATASET = None  # each worker process's own ClipDataset (own decoders)
 def _init_worker(dataset) -> None:
     global _WORKER_DATASET
     torch.set_num_threads(1)  # the workers share the cores with the training process
-    _WORKER_DATASET = object.__new__(type(dataset))
-    _WORKER_DATASET.__dict__.update(dataset.__getstate__())  # no decoder of the parent's is reused
+    _WORKER_DATASET = dataset  # spawned: a pickled copy, which carries no decoder of the parent's
 
 
 def _read_in_worker(seg: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-    item = _WORKER_DATASET._load([seg])
+    return _read_clip(_WORKER_DATASET, seg)
+
+
+def _read_clip(dataset, seg: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """One (episode position, first frame, end frame) window of a ClipDataset, with a ClipBank's keys."""
+    item = dataset._load([seg])
     return {k: item[k] for k in CLIP_KEYS}

@@ -29,9 +29,12 @@ from typing import Any
 
 import torch
 
+from worldflow import flow
 from worldflow.argtypes import nonneg_int, positive_int, power_of_two
 from worldflow.config import Config
 from worldflow.data.clips import ClipBank
+from worldflow.data.dataset import select_episodes
+from worldflow.data.episodes import load_manifest
 from worldflow.dynamics.model import DynamicsModel
 from worldflow.errors import InputError
 from worldflow.eval.metrics import ObjectReader, object_match, psnr, ssim
@@ -159,15 +162,13 @@ def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: i
         raise InputError(f"--context {context} exceeds the context the model was trained for "
                          f"({model.cfg.context} frames)")
     for k in steps:
-        if k > cfg.dynamics.k_max:
-            raise InputError(f"--steps {k} is finer than the model was trained for (k_max = "
-                             f"{cfg.dynamics.k_max}, the smallest step 1/{cfg.dynamics.k_max}): use "
-                             f"--steps {cfg.dynamics.k_max} or less")
-    bank = with_frames(latent_bank(run, data, cfg, "heldout", tok, progress), data, cfg, progress)
-    longest = int(bank.lengths.max())
+        flow.check_steps(k, cfg.dynamics.k_max, flag="--steps")
+    held = select_episodes(load_manifest(data), "heldout", cfg.data.holdout_fraction)
+    longest = max(int(e["num_frames"]) for e in held)  # from the manifest: fail before encoding anything
     if context + horizon > longest:
         raise InputError(f"--context {context} + horizon {horizon} = {context + horizon} frames, but the "
                          f"longest held-out episode of {data} has {longest}: lower --context or the horizon")
+    bank = with_frames(latent_bank(run, data, cfg, "heldout", tok, progress), data, cfg, progress)
     ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips, seed=seed,
                           reader=reader_of(data))
     return model, ev
@@ -205,7 +206,6 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
 
 def reader_of(data: str | Path) -> ObjectReader | None:
     """The object reader of the dataset's env (worldflow.envs.object_reader), or None."""
-    from worldflow.data.episodes import load_manifest
     from worldflow.envs import object_reader
 
     return object_reader(load_manifest(data).get("env_id"))

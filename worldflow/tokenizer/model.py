@@ -30,6 +30,11 @@ from worldflow.nn import KVCache, SpaceTimeTransformer
 __all__ = ["CausalTokenizer", "TokenizerLoss", "RunningRMS"]
 
 
+def to_patches(x: Tensor, p: int) -> Tensor:
+    """(B, T, H, W, C) -> (B, T, P, p*p*C): non-overlapping p x p patches, row-major."""
+    return rearrange(x, "b t (gh p1) (gw p2) c -> b t (gh gw) (p1 p2 c)", p1=p, p2=p)
+
+
 def spatial_masks(patches: int, latents: int) -> tuple[Tensor, Tensor]:
     """Encoder and decoder (S, S) attention masks for token order [patches, latents], S = P + N_l."""
     s = patches + latents
@@ -88,8 +93,7 @@ class CausalTokenizer(nn.Module):
         if x.shape[-3:] != (self.image_size, self.image_size, 3):
             n = self.image_size
             raise ValueError(f"expected frames (..., {n}, {n}, 3), got {tuple(x.shape)}")
-        p = self.cfg.patch
-        return rearrange(x, "b t (gh p1) (gw p2) c -> b t (gh gw) (p1 p2 c)", p1=p, p2=p)
+        return to_patches(x, self.cfg.patch)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """(B, T, P, patch*patch*3) -> (B, T, H, W, 3)."""
@@ -307,9 +311,7 @@ class TokenizerLoss(nn.Module):
         A whole-frame MSE shrinks with an object's area (an 8x8 ball is 1.6% of a 64x64 frame), so a
         small moving object is the last thing learned; the worst patches are where it is missing.
         """
-        p = self.patch
-        err = rearrange((recon - target).square(), "b t (gh p1) (gw p2) c -> b t (gh gw) (p1 p2 c)",
-                        p1=p, p2=p).mean(-1)  # (B, T, P)
+        err = to_patches((recon - target).square(), self.patch).mean(-1)  # (B, T, P)
         k = max(1, round(self.hard_frac * err.shape[-1]))
         return err.topk(k, dim=-1).values.mean()
 
