@@ -65,23 +65,26 @@ def fixed_windows(lengths: torch.Tensor, n: int, clip_len: int) -> tuple[list[in
 
 
 def episode_tensors(ep) -> dict[str, torch.Tensor]:
-    """Per-frame tensors of one loaded ``worldflow.data.episodes.Episode``, aligned to its L = T + 1 frames."""
+    """Per-frame tensors of one loaded ``worldflow.data.episodes.Episode``, aligned to its L = T + 1 frames.
+
+    An action-free episode (``ep.actions`` None) gets zero actions (L,) long and rewards, mask False."""
     frames = torch.as_tensor(np.asarray(ep.frames))
     n = frames.shape[0]
-    acts = torch.as_tensor(np.asarray(ep.actions))
+    labelled = ep.actions is not None
+    acts = torch.as_tensor(np.asarray(ep.actions)) if labelled else torch.zeros(n - 1, dtype=torch.long)
     steps = acts.shape[0]
     if steps not in (n - 1, n):
         raise ValueError(f"episode has {n} frames but {steps} actions")
     fill = torch.zeros((n - steps, *acts.shape[1:]), dtype=acts.dtype)
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[:steps] = True
+    mask[:steps] = labelled
 
     def per_frame(x, dtype):
         x = torch.as_tensor(np.asarray(x)).to(dtype)
         return torch.cat([x, torch.zeros(n - x.shape[0], dtype=dtype)]) if x.shape[0] < n else x
 
     return {"frames": frames, "actions": torch.cat([acts, fill]), "action_mask": mask,
-            "rewards": per_frame(ep.rewards, torch.float32),
+            "rewards": per_frame(ep.rewards if labelled else np.zeros(n, np.float32), torch.float32),
             "terminated": per_frame(ep.terminated, torch.bool)}
 
 

@@ -79,8 +79,8 @@ def select_episodes(
     return [e for e in entries if (e["index"] in held) == (split == "heldout")]
 
 
-def _action_torch_dtype(space: dict[str, Any]) -> torch.dtype:
-    return torch.float32 if space["type"] == "Box" else torch.long
+def _action_torch_dtype(space: dict[str, Any] | None) -> torch.dtype:
+    return torch.float32 if space is not None and space["type"] == "Box" else torch.long
 
 
 class ClipDataset(Dataset):
@@ -291,7 +291,7 @@ class ClipDataset(Dataset):
                 frames = reader.get_batch(np.arange(t0, t1))
             except VideoDecodeError as e:
                 raise CorruptEpisodeError(f"episode video {reader.path} is unreadable: {e}") from e
-            n_act = len(side["rewards"])  # T: frames[T] (index num_frames − 1) has no action
+            n_act = len(side["terminated"])  # T: frames[T] (index num_frames − 1) has no action
             a1 = min(t1, n_act)
             pad = t1 - max(a1, t0)
 
@@ -299,10 +299,12 @@ class ClipDataset(Dataset):
                 body = x[t0:a1]
                 return np.concatenate([body, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else body
 
+            labelled = "actions" in side  # an action-free episode: zero placeholders, mask False throughout
             parts["frames"].append(frames)
-            parts["actions"].append(fill(side["actions"]))
-            parts["mask"].append(np.arange(t0, t1) < n_act)
-            parts["rew"].append(fill(side["rewards"].astype(np.float32)))
+            parts["actions"].append(fill(side["actions"]) if labelled else np.zeros(t1 - t0, np.int64))
+            parts["mask"].append((np.arange(t0, t1) < n_act) & labelled)
+            parts["rew"].append(fill(side["rewards"].astype(np.float32)) if labelled
+                                else np.zeros(t1 - t0, np.float32))
             parts["term"].append(fill(side["terminated"].astype(bool)))
             parts["trunc"].append(fill(side["truncated"].astype(bool)))
         cat = {k: np.concatenate(v) for k, v in parts.items()}
@@ -380,7 +382,8 @@ class EpisodeDataset(Dataset):
     """Whole episodes of a split, for evaluation: item = dict of tensors.
 
     frames uint8 (T+1, H, W, 3); actions (T, ...) long | float32; rewards float32 (T,); terminated,
-    truncated bool (T,); episode int (manifest index). ``load(i)`` returns the numpy
+    truncated bool (T,); episode int (manifest index). An action-free episode has zero actions (T,) and
+    rewards, and ``labelled`` False. ``load(i)`` returns the numpy
     :class:`~worldflow.data.episodes.Episode` instead. Broken files raise :class:`CorruptEpisodeError`.
     """
 
@@ -409,10 +412,13 @@ class EpisodeDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ep = self.load(i)
+        t = len(ep)
         return {
             "frames": torch.from_numpy(ep.frames),
-            "actions": torch.as_tensor(ep.actions, dtype=_action_torch_dtype(self.manifest["action_space"])),
-            "rewards": torch.from_numpy(ep.rewards),
+            "actions": torch.as_tensor(ep.actions if ep.actions is not None else np.zeros(t, np.int64),
+                                       dtype=_action_torch_dtype(self.manifest["action_space"])),
+            "rewards": torch.from_numpy(ep.rewards if ep.rewards is not None else np.zeros(t, np.float32)),
+            "labelled": ep.actions is not None,
             "terminated": torch.from_numpy(ep.terminated),
             "truncated": torch.from_numpy(ep.truncated),
             "episode": int(self.episodes[i]["index"]),

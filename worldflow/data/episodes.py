@@ -11,6 +11,10 @@ Alignment: ``actions[t]`` is taken at ``frames[t]`` and leads to ``frames[t+1]``
 ``rewards[t]`` and flags ``terminated[t]`` / ``truncated[t]`` of that transition. The last frame
 (``frames[T]``) is the final observation and has no action.
 
+Action-free datasets (videos imported with ``worldflow import``) have ``"action_space": null`` in the
+manifest and sidecars without ``actions`` and ``rewards``; their :class:`Episode` has ``actions`` and
+``rewards`` None, and every clip read from them has ``action_mask`` False throughout.
+
 Crash safety: every file is written to a temporary name and renamed into place, video and sidecar
 first, the manifest last. An interrupted writer leaves at most orphan episode files that the manifest
 does not list (they are ignored, and overwritten by the next append), never a listed episode whose
@@ -29,9 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worldflow.data.spaces import action_dtype, action_shape, space_to_dict
-from worldflow.errors import WorldflowError
+from worldflow.errors import InputError, WorldflowError
 from worldflow.io import atomic_write_bytes, atomic_write_text
-from worldflow.errors import InputError
 
 if TYPE_CHECKING:
     from worldflow.envs.wrappers import EpisodeRecord
@@ -40,6 +43,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 EPISODE_DIR = "episodes"
 SIDECAR_KEYS = ("actions", "rewards", "terminated", "truncated", "num_frames")
+LABEL_KEYS = ("actions", "rewards")  # absent together from the sidecars of an action-free dataset
 
 
 class DatasetNotFoundError(WorldflowError, FileNotFoundError):
@@ -96,7 +100,8 @@ def episode_files(root: str | Path, entry: dict[str, Any]) -> tuple[Path, Path]:
 def read_sidecar(path: str | Path) -> dict[str, np.ndarray]:
     """Load a sidecar ``.npz``: actions, rewards (T,) float32, terminated/truncated (T,) bool, num_frames.
 
-    Raises :class:`CorruptEpisodeError` naming the file when it is unreadable or inconsistent.
+    An action-free sidecar has neither actions nor rewards (both or neither). Raises
+    :class:`CorruptEpisodeError` naming the file when it is unreadable or inconsistent.
     """
     path = Path(path)
     try:
@@ -104,18 +109,17 @@ def read_sidecar(path: str | Path) -> dict[str, np.ndarray]:
             data = {k: z[k] for k in z.files}
     except Exception as e:
         raise CorruptEpisodeError(f"cannot read episode sidecar {path}: {e}") from e
-    missing = [k for k in SIDECAR_KEYS if k not in data]
+    labelled = not all(k not in data for k in LABEL_KEYS)  # an action-free sidecar has neither
+    missing = [k for k in SIDECAR_KEYS if k not in data and (labelled or k not in LABEL_KEYS)]
     if missing:
         raise CorruptEpisodeError(f"episode sidecar {path} lacks keys {missing}")
-    t = len(data["rewards"])
-    if (
-        any(len(data[k]) != t for k in ("actions", "terminated", "truncated"))
-        or int(data["num_frames"]) != t + 1
-    ):
+    t = len(data["terminated"])
+    per_step = [k for k in SIDECAR_KEYS[:4] if k in data]
+    if any(len(data[k]) != t for k in per_step) or int(data["num_frames"]) != t + 1:
+        lengths = ", ".join(f"{k} {len(data[k])}" for k in per_step)
         raise CorruptEpisodeError(
-            f"episode sidecar {path}: inconsistent lengths (actions {len(data['actions'])}, rewards {t}, "
-            f"terminated {len(data['terminated'])}, truncated {len(data['truncated'])}, "
-            f"num_frames {int(data['num_frames'])}; expected num_frames = T + 1)"
+            f"episode sidecar {path}: inconsistent lengths ({lengths}, num_frames {int(data['num_frames'])}; "
+            f"expected num_frames = T + 1)"
         )
     return data
 
@@ -126,11 +130,12 @@ class Episode:
 
     frames: uint8 (T+1, H, W, 3); actions: (T, ...) as recorded; rewards: float32 (T,);
     terminated, truncated: bool (T,). ``actions[t]`` at ``frames[t]`` leads to ``frames[t+1]``.
+    ``actions`` and ``rewards`` are None in an action-free episode (an imported video).
     """
 
     frames: np.ndarray
-    actions: np.ndarray
-    rewards: np.ndarray
+    actions: np.ndarray | None
+    rewards: np.ndarray | None
     terminated: np.ndarray
     truncated: np.ndarray
     index: int = 0
@@ -138,7 +143,7 @@ class Episode:
 
     def __len__(self) -> int:
         """Number of transitions T (there are T+1 frames)."""
-        return len(self.rewards)
+        return len(self.terminated)
 
 
 def load_episode(
@@ -169,8 +174,8 @@ def load_episode(
         raise CorruptEpisodeError(f"episode video {video} is unreadable: {e}") from e
     return Episode(
         frames=frames,
-        actions=side["actions"],
-        rewards=side["rewards"].astype(np.float32),
+        actions=side.get("actions"),
+        rewards=side["rewards"].astype(np.float32) if "rewards" in side else None,
         terminated=side["terminated"].astype(bool),
         truncated=side["truncated"].astype(bool),
         index=index,
@@ -193,8 +198,9 @@ class DatasetWriter:
 
     Args:
         root: dataset directory.
-        env_id: environment id recorded in the manifest (must match when appending).
-        action_space: gymnasium space or its :func:`space_to_dict` form (must match when appending).
+        env_id: environment id recorded in the manifest (must match when appending); None for videos.
+        action_space: gymnasium space or its :func:`space_to_dict` form (must match when appending); None
+            for an action-free dataset (imported videos: episodes without actions or rewards).
         fps: playback rate stored in the videos and the manifest.
         lossless: lossless videos (default; see worldflow.data.video for why).
         meta: extra JSON-serialisable manifest keys (seed, policy, ...); existing ones are kept.
@@ -206,14 +212,15 @@ class DatasetWriter:
     def __init__(
         self,
         root: str | Path,
-        env_id: str,
+        env_id: str | None,
         action_space,
         fps: int = 15,
         lossless: bool = True,
         meta: dict[str, Any] | None = None,
     ):
         self.root = Path(root)
-        space = action_space if isinstance(action_space, dict) else space_to_dict(action_space)
+        space = action_space if action_space is None or isinstance(action_space, dict) \
+            else space_to_dict(action_space)
         self.lossless = lossless
         if manifest_path(self.root).is_file():
             self.manifest = load_manifest(self.root, allow_empty=True)
@@ -244,43 +251,51 @@ class DatasetWriter:
     def num_episodes(self) -> int:
         return len(self.manifest["episodes"])
 
+    @property
+    def action_free(self) -> bool:
+        """Whether the dataset has no actions and rewards (``action_space`` null: imported videos)."""
+        return self.manifest["action_space"] is None
+
     def add_episode(
         self,
         frames: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray,
+        actions: np.ndarray | None,
+        rewards: np.ndarray | None,
         terminated: np.ndarray,
         truncated: np.ndarray,
         **info: Any,
     ) -> dict[str, Any]:
         """Store one episode: frames uint8 (T+1, H, W, 3), actions (T, ...), rewards (T,), flags (T,).
 
-        ``info`` (JSON-serialisable, e.g. ``seed=3``) is stored in the episode's manifest entry.
-        Returns that entry.
+        An action-free dataset takes ``actions`` and ``rewards`` None. ``info`` (JSON-serialisable, e.g.
+        ``seed=3``) is stored in the episode's manifest entry. Returns that entry.
         """
         from worldflow.data.video import write_video
 
         frames = np.asarray(frames)
         sp = self.manifest["action_space"]
-        actions = np.asarray(actions, dtype=action_dtype(sp))
-        t = len(actions)
-        if actions.shape[1:] != action_shape(sp):
-            raise InputError(f"actions have shape {actions.shape}, expected (T, *{action_shape(sp)})")
+        if (actions is None or rewards is None) != (sp is None):
+            raise InputError("an action-free dataset (action_space null) stores episodes without actions "
+                             "and rewards; any other needs both" if sp is None else
+                             f"dataset {self.root} has action space {sp}: its episodes need actions and rewards")
+        t = len(terminated)
         arrays = {
-            "actions": actions,
-            "rewards": np.asarray(rewards, dtype=np.float32),
             "terminated": np.asarray(terminated, dtype=bool),
             "truncated": np.asarray(truncated, dtype=bool),
             "num_frames": np.asarray(t + 1, dtype=np.int64),
         }
-        if frames.shape[0] != t + 1 or any(
-            arrays[k].shape != (t,) for k in ("rewards", "terminated", "truncated")
-        ):
+        if sp is not None:
+            arrays["actions"] = np.asarray(actions, dtype=action_dtype(sp))
+            arrays["rewards"] = np.asarray(rewards, dtype=np.float32)
+            if arrays["actions"].shape[1:] != action_shape(sp):
+                raise InputError(f"actions have shape {arrays['actions'].shape}, expected "
+                                 f"(T, *{action_shape(sp)})")
+        steps = {k: v for k, v in arrays.items() if k != "num_frames"}
+        if frames.shape[0] != t + 1 or any(v.shape[: v.ndim if k != "actions" else 1] != (t,)
+                                           for k, v in steps.items()):
             raise InputError(
                 f"an episode of T transitions needs T+1 frames and T actions/rewards/flags; got frames "
-                f"{frames.shape[0]}, actions {t}, rewards {arrays['rewards'].shape}, "
-                f"terminated {arrays['terminated'].shape}, truncated {arrays['truncated'].shape}"
-            )
+                f"{frames.shape[0]}, " + ", ".join(f"{k} {v.shape}" for k, v in steps.items()))
         shape = list(frames.shape[1:])
         if self.manifest["frame_shape"] is None:
             self.manifest["frame_shape"] = shape
@@ -295,7 +310,7 @@ class DatasetWriter:
             "sidecar": f"{name}.npz",
             "length": t,
             "num_frames": t + 1,
-            "return": float(arrays["rewards"].astype(np.float64).sum()),
+            "return": float(arrays["rewards"].astype(np.float64).sum()) if sp is not None else None,
             "terminated": bool(arrays["terminated"][-1]) if t else False,
             "truncated": bool(arrays["truncated"][-1]) if t else False,
             **info,

@@ -84,8 +84,11 @@ def space_to_dict(space) -> dict[str, Any]:
     )
 
 
-def space_from_dict(d: dict[str, Any]):
-    """Rebuild the gymnasium space described by :func:`space_to_dict`."""
+def space_from_dict(d: dict[str, Any] | None):
+    """Rebuild the gymnasium space described by :func:`space_to_dict`; None (an action-free dataset's
+    ``action_space``) gives None."""
+    if d is None:
+        return None
     kind = d.get("type")
     if kind == "Discrete":
         return spaces.Discrete(int(d["n"]), start=int(d.get("start", 0)))
