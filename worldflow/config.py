@@ -37,6 +37,8 @@ class DataConfig:
     on_corrupt: Literal["error", "skip"] = "error"  # what a broken video file does
     num_workers: int = 0  # worker processes decoding streamed clips (0 = in the main process)
     memory_mb: float = 4096.0  # a split whose decoded frames exceed this many MiB is streamed from disk
+    mix: tuple[float, ...] = ()  # sampling share of each --data dataset, in order; () weighs them by size
+    allow_action_free: bool = True  # train on action-free datasets (imported videos) too; false: an error
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}': expected one of {list(allowed)}, got {value!r}")
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"config key '{key}': expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))

@@ -68,16 +68,24 @@ def phase_config(run: str | Path, phase: str) -> Config:
     return from_dict(read_meta(phase_checkpoint(run, phase))["config"])
 
 
-def record_dataset(run: str | Path, data: str | Path) -> None:
-    """Remember the dataset a run was trained on (env id, action space), for envs built from the run.
+def record_dataset(run: str | Path, data) -> None:
+    """Remember the dataset(s) a run was trained on (env id, action space), for envs built from the run.
 
-    Phases call ``worldflow.data.checks.check_dataset`` first: a run keeps one action space."""
+    ``data`` is one dataset directory or the several of ``--data A --data B``. ``dataset.json`` keeps
+    ``data`` (the first labelled dataset, else the first: where envs built from the run take their
+    starting frames), its ``env_id``, the shared ``action_space`` (null: action-free), ``frame_size`` and
+    ``datasets`` (every path, in order). Phases call ``worldflow.data.checks.check_datasets`` first: a run
+    keeps one action space."""
     from worldflow.data.episodes import load_manifest
+    from worldflow.data.mixture import as_roots
     from worldflow.io import atomic_write_text
 
-    m = load_manifest(data)
-    info = {"data": str(Path(data).resolve()), "env_id": m.get("env_id"), "action_space": m["action_space"],
-            "frame_size": m.get("frame_size")}
+    roots = as_roots(data)
+    manifests = [load_manifest(r) for r in roots]
+    main = next((k for k, m in enumerate(manifests) if m["action_space"] is not None), 0)
+    m = manifests[main]
+    info = {"data": str(roots[main].resolve()), "env_id": m.get("env_id"), "action_space": m["action_space"],
+            "frame_size": m.get("frame_size"), "datasets": [str(r.resolve()) for r in roots]}
     atomic_write_text(Path(run) / "dataset.json", json.dumps(info, indent=2))
 
 
@@ -89,8 +97,8 @@ def run_dataset(run: str | Path) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
-def run_action_space(run: str | Path) -> gym.Space:
-    """The action space of the dataset the run was trained on."""
+def run_action_space(run: str | Path) -> gym.Space | None:
+    """The action space of the dataset the run was trained on (None: action-free video)."""
     from worldflow.data.spaces import space_from_dict
 
     return space_from_dict(run_dataset(run)["action_space"])
@@ -121,12 +129,15 @@ def load_tokenizer(run: str | Path, device: torch.device | str = "cpu") -> tuple
     return tok, cfg
 
 
-def action_space_of(data: str | Path) -> gym.Space:
-    """The action space recorded in a dataset's manifest."""
+def action_space_of(data) -> gym.Space | None:
+    """The action space recorded in a dataset's manifest (None: action-free); for several datasets, the
+    one their labelled members share (worldflow.data.mixture.mixture_space checks they do)."""
     from worldflow.data.episodes import load_manifest
+    from worldflow.data.mixture import as_roots
     from worldflow.data.spaces import space_from_dict
 
-    return space_from_dict(load_manifest(data)["action_space"])
+    spaces = [load_manifest(r)["action_space"] for r in as_roots(data)]
+    return space_from_dict(next((s for s in spaces if s is not None), None))
 
 
 def load_dynamics(run: str | Path, action_space: gym.Space, device: torch.device | str = "cpu"
@@ -148,6 +159,14 @@ def encode_frames(tok: CausalTokenizer, frames: torch.Tensor, chunk: int = 256) 
         x = frames[i : i + chunk].to(device)[None]
         out.append(tok.encode(x, cache=cache)[0].cpu())
     return torch.cat(out)
+
+
+def latent_mixture(run: str | Path, data, cfg: Config, split: str, tok: CausalTokenizer, progress: bool):
+    """:func:`latent_bank` of every ``--data`` dataset, drawn as one (worldflow.data.mixture.mix)."""
+    from worldflow.data.mixture import as_roots, mix
+
+    roots = as_roots(data)
+    return mix([latent_bank(run, r, cfg, split, tok, progress) for r in roots], roots, cfg.data)
 
 
 def latent_bank(run: str | Path, data: str | Path, cfg: Config, split: str, tok: CausalTokenizer,

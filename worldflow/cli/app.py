@@ -36,7 +36,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def add_train_args(p: argparse.ArgumentParser, run_help: str) -> None:
     """The flags every ``worldflow train ...`` command shares (a public contract: keep the names)."""
-    p.add_argument("--data", required=True, help="dataset directory written by `worldflow collect`")
+    p.add_argument("--data", required=True, action="append", metavar="DIR",
+                   help="dataset directory written by `worldflow collect` or `worldflow import`; give it "
+                        "more than once to train on several together (their mix: data.mix)")
     p.add_argument("--run", required=True, help=run_help)
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

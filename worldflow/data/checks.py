@@ -15,18 +15,45 @@ from worldflow.data.dataset import select_episodes
 from worldflow.data.episodes import load_manifest
 from worldflow.errors import DataMismatchError
 
-__all__ = ["check_dataset", "check_action_space"]
+__all__ = ["check_datasets", "check_dataset", "check_action_space"]
 
 
-def check_dataset(root: str | Path, cfg: Config, clips: dict[str, int], run: str | Path | None = None
-                  ) -> None:
-    """Frame size against ``data.size``; each ``clips`` entry (config key -> frames per clip) against the
-    longest training episode; the action space against the one ``run`` was trained on (its
-    ``dataset.json``), when given. Phases call it before they write anything."""
-    manifest = load_manifest(root)
+def check_datasets(data, cfg: Config, clips: dict[str, int], run: str | Path | None = None,
+                   need_actions: bool = False) -> list[Path]:
+    """:func:`check_dataset` for every ``--data`` directory, then what they must share
+    (:func:`worldflow.data.mixture.mixture_space`) and, when given a ``run``, the action space it was
+    trained on. ``need_actions`` (the agent phases): every dataset must have actions. Returns the
+    dataset directories."""
+    from worldflow.data.mixture import as_roots, mixture_space
+
+    roots = as_roots(data)
+    for root in roots:
+        check_dataset(root, cfg, clips)
+        if need_actions and load_manifest(root)["action_space"] is None:
+            raise DataMismatchError(
+                f"{root} is action-free (imported video): the agent learns from actions and rewards, so "
+                f"pass only action-labelled --data (collected with `worldflow collect`)")
+    space = mixture_space(roots, cfg)
     if run is not None and (Path(run) / "dataset.json").exists():
         recorded = json.loads((Path(run) / "dataset.json").read_text()).get("action_space")
-        check_action_space(root, manifest["action_space"], recorded, run)
+        if _actions_bound(run):
+            check_action_space(", ".join(map(str, roots)), space, recorded, run)
+    return roots
+
+
+def _actions_bound(run: str | Path) -> bool:
+    """Whether ``run`` has a trained dynamics (or agent) model: its action space is then fixed. Before
+    that only the tokenizer may exist, which never sees actions, so any data may follow."""
+    from worldflow.run import DYNAMICS, Run
+
+    return Run(run).has(DYNAMICS)
+
+
+def check_dataset(root: str | Path, cfg: Config, clips: dict[str, int]) -> None:
+    """Frame size against ``data.size`` and each ``clips`` entry (config key -> frames per clip) against
+    the longest training episode of one dataset. Phases call :func:`check_datasets` before they write
+    anything."""
+    manifest = load_manifest(root)
     h, w = manifest["frame_shape"][:2]
     if (h, w) != (cfg.data.size, cfg.data.size):
         raise DataMismatchError(
@@ -43,9 +70,9 @@ def check_dataset(root: str | Path, cfg: Config, clips: dict[str, int], run: str
 
 def check_action_space(root: str | Path, new: dict[str, Any], recorded: dict[str, Any] | None,
                        run: str | Path) -> None:
-    """A run keeps the action space of the data it was trained on: ``new`` (dataset ``root``'s) must be
-    the ``recorded`` one."""
-    if recorded is not None and recorded != new:
+    """A run keeps the action space of the data its dynamics model was trained on: ``new`` (dataset
+    ``root``'s; None: action-free) must be the ``recorded`` one."""
+    if recorded != new:
         raise DataMismatchError(
             f"dataset {root} has action space {new} but run {run} was trained on {recorded}: train this "
             f"dataset in a new --run, or pass the dataset the run was trained on")

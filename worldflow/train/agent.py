@@ -26,7 +26,7 @@ from worldflow.agent.model import AgentModel, imagine
 from worldflow.agent.twohot import twohot_mean
 from worldflow.checkpoint import load_weights
 from worldflow.config import Config, derive, to_dict
-from worldflow.data.checks import check_dataset
+from worldflow.data.checks import check_datasets
 from worldflow.data.clips import ClipBank
 from worldflow.data.spaces import values_to_indices
 from worldflow.distributed import device_of
@@ -37,10 +37,18 @@ from worldflow.train.trainer import Trainer
 
 
 def _banks(run, data, cfg: Config, device, progress: bool) -> ClipBank:
-    from worldflow.run import latent_bank, load_tokenizer
+    from worldflow.run import latent_mixture, load_tokenizer
 
     tok, _ = load_tokenizer(run, device)
-    return latent_bank(run, data, cfg, "train", tok, progress)
+    return latent_mixture(run, data, cfg, "train", tok, progress)
+
+
+def _check_actions(run) -> None:
+    """The agent acts through the dynamics model's action embedding: it must have been trained with one."""
+    if run_action_space(run) is None:
+        raise InputError(f"run {run}'s dynamics model was trained on action-free data only, so it cannot "
+                         f"respond to actions: train dynamics with action-labelled --data as well (mixing "
+                         f"is fine), in a new --run")
 
 
 def _sample(bank: ClipBank, batch: int, length: int, gen: torch.Generator, device) -> dict[str, torch.Tensor]:
@@ -82,10 +90,11 @@ def train_bc(cfg: Config, data, run, resume: bool = True, progress: bool = True)
     from worldflow.train.dynamics import PHASE as DYN
 
     device = device_of(cfg)
-    check_dataset(data, cfg, {"data.clip_len": cfg.data.clip_len}, run)
+    roots = check_datasets(data, cfg, {"data.clip_len": cfg.data.clip_len}, run, need_actions=True)
+    _check_actions(run)
     start_phase(run, "agent_bc", cfg)
-    record_dataset(run, data)
-    bank = _banks(run, data, cfg, device, progress)
+    record_dataset(run, roots)
+    bank = _banks(run, roots, cfg, device, progress)
     model = AgentModel(cfg, run_action_space(run)).to(device)
     load_weights(model.dynamics, phase_checkpoint(run, DYN))
     trainer = Trainer(model, cfg.train_bc, run, "agent_bc", to_dict(cfg), progress=progress)
@@ -118,9 +127,10 @@ def train_imagination(cfg: Config, data, run, resume: bool = True, progress: boo
     if cfg.agent.imag_reuse < 1:
         raise InputError(f"agent.imag_reuse must be >= 1, got {cfg.agent.imag_reuse}")
     device = device_of(cfg)
+    roots = check_datasets(data, cfg, {}, run, need_actions=True)
     bc_model, bc_cfg, _ = load_agent_model(run, "agent_bc", device)
     start_phase(run, "agent", cfg)
-    bank = _banks(run, data, cfg, device, progress)
+    bank = _banks(run, roots, cfg, device, progress)
     model = AgentModel(bc_cfg, run_action_space(run)).to(device)
     model.load_state_dict(bc_model.state_dict())
     model.requires_grad_(False)
@@ -160,10 +170,15 @@ def online_loop(cfg: Config, data, run, env_id: str, progress: bool = True) -> l
     Each iteration raises every phase's step budget by the configured amount and resumes from its latest
     checkpoint, so the models keep learning on the growing dataset.
     """
+    from worldflow.data.mixture import as_roots
     from worldflow.eval.returns import collect_with_policy
     from worldflow.train import dynamics as train_dynamics
     from worldflow.train import tokenizer as train_tokenizer
 
+    roots = as_roots(data)
+    if len(roots) != 1:
+        raise InputError(f"--online grows one dataset with the new episodes; got {len(roots)} --data")
+    data = roots[0]
     on = cfg.online
     extra = {"train_tokenizer": on.tokenizer_steps, "train_dynamics": on.dynamics_steps,
              "train_bc": on.bc_steps, "train_agent": on.agent_steps}

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from worldflow.config import Config, to_dict, warn_if_window_exceeds_training
-from worldflow.data.checks import check_dataset
+from worldflow.data.checks import check_datasets
 from worldflow.data.clips import load_clips
+from worldflow.data.mixture import load_mixture
 from worldflow.distributed import device_of
 from worldflow.eval.reconstruction import evaluate_tokenizer
 from worldflow.eval.visual import comparison_video, write_media
@@ -24,23 +25,24 @@ from worldflow.train.trainer import Trainer
 PHASE = "tokenizer"
 
 
-def train(cfg: Config, data: str | Path, run: str | Path, resume: bool = True, progress: bool = True
-          ) -> dict[str, Any]:
-    """Train the tokenizer; returns the trainer summary with the final held-out metrics."""
+def train(cfg: Config, data, run: str | Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train the tokenizer on one dataset directory or several (``data``: a path or a list; drawn as
+    ``data.mix`` says, worldflow.data.mixture); held-out metrics come from the first. Returns the trainer
+    summary with the final held-out metrics."""
     from worldflow.eval.rollouts import reader_of
 
     clips = {"tokenizer.clip_len": cfg.tokenizer.clip_len, "data.clip_len": cfg.data.clip_len}
-    check_dataset(data, cfg, clips, run)  # before anything is written to the run
+    roots = check_datasets(data, cfg, clips, run)  # before anything is written to the run
     phase_dir = start_phase(run, PHASE, cfg)
-    record_dataset(run, data)
+    record_dataset(run, roots)
     torch.manual_seed(cfg.train_tokenizer.seed)
     device = device_of(cfg)
-    train_bank = load_clips(data, cfg.data, split="train", progress=progress)
-    held = load_clips(data, cfg.data, split="heldout", progress=progress)
+    train_bank = load_mixture(roots, cfg.data, split="train", progress=progress)
+    held = load_clips(roots[0], cfg.data, split="heldout", progress=progress)
     clip_len = cfg.tokenizer.clip_len
     warn_if_window_exceeds_training("tokenizer", cfg.tokenizer.context, clip_len)
     eval_frames = held.fixed_clips(n=32, clip_len=cfg.data.clip_len).to(device)
-    reader = reader_of(data)
+    reader = reader_of(roots[0])
     model = TokenizerTraining(cfg).to(device)
     trainer = Trainer(model, cfg.train_tokenizer, run, PHASE, to_dict(cfg), progress=progress)
 
