@@ -105,7 +105,8 @@ def test_mixture_checks_name_the_problem(tmp_path):
 
 TINY_TRAIN = ["--config", "tiny", "--no-progress", "data.size=16", "data.clip_len=4",
               "tokenizer.clip_len=4", "tokenizer.context=4", "dynamics.long_every=0",
-              "train_tokenizer.steps=4", "train_dynamics.steps=4", "train_tokenizer.eval_every=4", "train_dynamics.eval_every=4",
+              "train_tokenizer.steps=4", "train_dynamics.steps=4", "train_tokenizer.eval_every=4",
+              "train_dynamics.eval_every=4",
               "train_tokenizer.ckpt_every=4", "train_dynamics.ckpt_every=4", "train_bc.steps=2"]
 
 
