@@ -68,11 +68,12 @@ def check_dataset(root: str | Path, cfg: Config, clips: dict[str, int]) -> None:
                 f"has {longest} frames: lower it ({key}={longest} or less) or collect longer episodes")
 
 
-def check_action_space(root: str | Path, new: dict[str, Any], recorded: dict[str, Any] | None,
+def check_action_space(root: str | Path, new: dict[str, Any] | None, recorded: dict[str, Any] | None,
                        run: str | Path) -> None:
     """A run keeps the action space of the data its dynamics model was trained on: ``new`` (dataset
     ``root``'s; None: action-free) must be the ``recorded`` one."""
     if recorded != new:
+        name = lambda s: "no actions (action-free video)" if s is None else s
         raise DataMismatchError(
-            f"dataset {root} has action space {new} but run {run} was trained on {recorded}: train this "
-            f"dataset in a new --run, or pass the dataset the run was trained on")
+            f"dataset {root} has action space {name(new)} but run {run} was trained on {name(recorded)}: "
+            f"train this dataset in a new --run, or pass the dataset the run was trained on")
