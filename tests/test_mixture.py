@@ -123,6 +123,12 @@ def test_action_free_and_mixed_training_end_to_end(tmp_path, capsys):
     lines = [json.loads(x) for x in (run / "dynamics" / "metrics.jsonl").read_text().splitlines()]
     assert any(np.isfinite(r.get("loss", np.nan)) for r in lines)
 
+    from worldflow.errors import InputError
+    from worldflow.run import Run
+
+    with pytest.raises(InputError, match="action-free video only.*rollout --run"):
+        Run(run).world_model()  # nothing to act in: the error says what the run can do instead
+
     # an action-free dynamics model cannot be given actions later: the run's action space is bound
     capsys.readouterr()
     assert main(["train", "dynamics", "--data", str(labelled), "--run", str(run), *TINY_TRAIN]) == 2

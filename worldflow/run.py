@@ -271,6 +271,11 @@ class Run:
         dynamics model alone, with a warning: no reward or continue heads), or a phase name."""
         tok, _ = self.tokenizer(device)
         space = self.action_space()
+        if space is None:
+            raise InputError(f"run {self.path} was trained on action-free video only: a world model to act "
+                             f"in needs actions; continue its videos with `worldflow rollout --run "
+                             f"{self.path} --video FILE`, or train dynamics with action-labelled --data "
+                             f"in a new --run")
         if phase is None or phase in AGENT_PHASES:
             try:
                 model, cfg, ph = self.agent(phase, device)
