@@ -7,8 +7,9 @@ exit code 2, so every bad number names its own flag before any work starts.
 from __future__ import annotations
 
 import argparse
+import math
 
-__all__ = ["positive_int", "nonneg_int", "probability", "power_of_two"]
+__all__ = ["positive_int", "nonneg_int", "positive_float", "probability", "power_of_two"]
 
 
 def _int(text: str) -> int:
@@ -34,12 +35,24 @@ def nonneg_int(text: str) -> int:
     return n
 
 
-def probability(text: str) -> float:
-    """A float in [0, 1]."""
+def _float(text: str) -> float:
     try:
-        x = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0 (frame rates: ``--fps 29.97``)."""
+    x = _float(text)
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return x
+
+
+def probability(text: str) -> float:
+    """A float in [0, 1]."""
+    x = _float(text)
     if not 0.0 <= x <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {x}")
     return x

@@ -18,6 +18,7 @@ from worldflow.errors import WorldflowError, one_line
 # subcommand -> module exposing add_parser(subparsers) (which sets func=...)
 _COMMANDS = {
     "collect": "worldflow.data.collect",
+    "import": "worldflow.data.importing",
     "train": "worldflow.cli.train",
     "eval": "worldflow.eval.rollouts",
     "rollout": "worldflow.cli.rollout",

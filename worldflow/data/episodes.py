@@ -321,6 +321,14 @@ class DatasetWriter:
         self._write_manifest()
         return entry
 
+    def update_meta(self, **keys: Any) -> None:
+        """Set top-level manifest keys (JSON-serialisable; not ``episodes``) and write the manifest now,
+        atomically. For facts learnt after the last episode (``worldflow import``'s skipped files)."""
+        if "episodes" in keys:
+            raise ValueError("update_meta sets dataset-level keys; add episodes with add_episode")
+        self.manifest.update(keys)
+        self._write_manifest()
+
     def _write_manifest(self) -> None:
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_text(manifest_path(self.root), json.dumps(self.manifest, indent=1, allow_nan=False))
