@@ -44,9 +44,9 @@ def check_datasets(data, cfg: Config, clips: dict[str, int], run: str | Path | N
 def _actions_bound(run: str | Path) -> bool:
     """Whether ``run`` has a trained dynamics (or agent) model: its action space is then fixed. Before
     that only the tokenizer may exist, which never sees actions, so any data may follow."""
-    from worldflow.run import DYNAMICS, Run
+    from worldflow.checkpoint import latest_checkpoint
 
-    return Run(run).has(DYNAMICS)
+    return latest_checkpoint(Path(run) / "dynamics" / "checkpoints") is not None  # worldflow.run's layout
 
 
 def check_dataset(root: str | Path, cfg: Config, clips: dict[str, int]) -> None:

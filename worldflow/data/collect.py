@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from worldflow.argtypes import nonneg_int, positive_int, probability
 from worldflow.config import CollectConfig
 from worldflow.data.episodes import DatasetWriter
 from worldflow.data.spaces import space_to_dict
 from worldflow.errors import InputError
-from worldflow.argtypes import nonneg_int, positive_int, probability
 
 POLICIES = ("random", "expert", "epsilon-expert")
 
@@ -146,12 +146,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=positive_int, required=True, help="number of episodes to collect")
     p.add_argument("--out", required=True, help="dataset directory (created, or appended to)")
     p.add_argument("--policy", choices=POLICIES, default="random", help="behaviour policy (default random)")
-    p.add_argument("--size", type=positive_int, default=64, help="frame height = width in pixels (default 64)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="episode k is reset with seed + k (default 0)")
-    p.add_argument("--epsilon", type=probability, default=0.3, help="random-action rate of epsilon-expert (0.3)")
-    p.add_argument("--action-repeat", type=positive_int, default=1, help="repeat each action K times (default 1)")
-    p.add_argument("--max-steps", type=positive_int, default=1000, help="cap on steps per episode (default 1000)")
-    p.add_argument("--fps", type=positive_int, default=15, help="frame rate stored in the videos (default 15)")
+    p.add_argument("--size", type=positive_int, default=64,
+                   help="frame height = width in pixels (default 64)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="episode k is reset with seed + k (default 0)")
+    p.add_argument("--epsilon", type=probability, default=0.3,
+                   help="random-action rate of epsilon-expert (0.3)")
+    p.add_argument("--action-repeat", type=positive_int, default=1,
+                   help="repeat each action K times (default 1)")
+    p.add_argument("--max-steps", type=positive_int, default=1000,
+                   help="cap on steps per episode (default 1000)")
+    p.add_argument("--fps", type=positive_int, default=15,
+                   help="frame rate stored in the videos (default 15)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
     return p

@@ -277,7 +277,8 @@ class DatasetWriter:
         if (actions is None or rewards is None) != (sp is None):
             raise InputError("an action-free dataset (action_space null) stores episodes without actions "
                              "and rewards; any other needs both" if sp is None else
-                             f"dataset {self.root} has action space {sp}: its episodes need actions and rewards")
+                             f"dataset {self.root} has action space {sp}: its episodes need actions and "
+                             f"rewards")
         t = len(terminated)
         arrays = {
             "terminated": np.asarray(terminated, dtype=bool),
@@ -372,7 +373,8 @@ class EpisodeWriter:
         """Record ``action`` taken at the latest observation, and what it led to."""
         rec = self.record
         if rec.done:
-            raise ValueError("this episode already ended (terminated or truncated); commit it and start another")
+            raise ValueError("this episode already ended (terminated or truncated); commit it and start "
+                             "another")
         rec.actions.append(np.asarray(action))
         rec.frames.append(np.asarray(next_obs))
         rec.rewards.append(float(reward))

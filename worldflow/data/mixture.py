@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from worldflow import rng
 from worldflow.config import Config, DataConfig
 from worldflow.data.clips import ClipBank, DiskClips, fixed_windows, load_clips, random_windows
 from worldflow.data.episodes import load_manifest
@@ -68,8 +69,8 @@ def mixture_space(roots: Sequence[Path], cfg: Config) -> dict[str, Any] | None:
                                 "train them in separate runs")
     mix = cfg.data.mix
     if mix and len(mix) != len(roots):
-        raise DataMismatchError(f"data.mix gives {len(mix)} weights for {len(roots)} --data datasets: give one "
-                                f"weight per --data, in order (or data.mix=[] to weigh them by size)")
+        raise DataMismatchError(f"data.mix gives {len(mix)} weights for {len(roots)} --data datasets: give "
+                                f"one weight per --data, in order (or data.mix=[] to weigh them by size)")
     if mix and (min(mix) < 0 or sum(mix) <= 0):
         raise DataMismatchError(f"data.mix={list(mix)}: weights must be >= 0 with a positive sum")
     return labelled[0][1] if labelled else None
@@ -115,7 +116,7 @@ class MixedClips:
         if self.weights is None:
             eps, starts = random_windows(self.lengths, batch, clip_len, gen)
             return self._assemble(eps, starts, clip_len)
-        part_of_row = torch.multinomial(self.weights, batch, replacement=True, generator=gen).tolist()
+        part_of_row = rng.multinomial(self.weights, batch, gen, replacement=True).tolist()
         eps, starts = [0] * batch, [0] * batch
         for k, part in enumerate(self.parts):
             rows = [i for i, p in enumerate(part_of_row) if p == k]
@@ -172,6 +173,7 @@ def mix(parts: Sequence[Part], roots: Sequence[Path], data: DataConfig) -> Part 
 
 
 def load_mixture(data, cfg: DataConfig, split: str = "train", progress: bool = True) -> Part | MixedClips:
-    """The split of every ``--data`` dataset as one clip source (:func:`load_clips` each, then :func:`mix`)."""
+    """The split of every ``--data`` dataset as one clip source (:func:`load_clips` each, then
+    :func:`mix`)."""
     roots = as_roots(data)
     return mix([load_clips(r, cfg, split, progress) for r in roots], roots, cfg)

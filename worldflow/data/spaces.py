@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from torch import Tensor
+
 from worldflow.errors import InputError
 
 __all__ = [
