@@ -133,10 +133,15 @@ def test_steps_finer_than_the_model_was_trained_for(capsys, tiny_run, tiny_data,
     assert "--steps 16 is finer than the model was trained for (k_max = 8" in line
 
 
-def test_rollout_longer_than_every_heldout_episode(capsys, tiny_run, tiny_data, tmp_path):
-    line = cli_error(capsys, ["rollout", "--run", str(tiny_run), "--data", str(tiny_data), "--context", "2",
-                              "--horizon", "5000", "--steps", "1", "--out", str(tmp_path / "o.mp4")])
-    assert "--context 2 + horizon 5000 = 5002 frames, but the longest held-out episode" in line
+def test_rollout_video_start_past_its_end(capsys, tiny_run, tmp_path):
+    import numpy as np
+
+    from worldflow.data.video import write_video
+
+    video = write_video(tmp_path / "short.mp4", np.zeros((10, 16, 16, 3), np.uint8), fps=15)
+    line = cli_error(capsys, ["rollout", "--run", str(tiny_run), "--video", str(video), "--context", "2",
+                              "--start", "50", "--steps", "1", "--out", str(tmp_path / "o.mp4")])
+    assert "--start 50 + --context 2 needs 52 frames but" in line and "lower --start or --context" in line
 
 
 @pytest.mark.parametrize("extra, message", [

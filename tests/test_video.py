@@ -163,3 +163,29 @@ def test_gif_grid_and_tiling(tmp_path):
     mp4, gif = video.write_mp4_and_gif(tmp_path / "grid", [a, b], scale=2)
     assert read_video(mp4).shape == (6, 40, 76, 3)
     assert iio.imread(gif).shape == (6, 40, 76, 3)
+
+
+def test_video_writer_streams_frames_in_one_encoder_path(tmp_path):
+    """Frames appended one or several at a time equal write_video's file (lossless: the same pixels); the
+    file appears only at close; a frame of another size or no frame at all is an InputError."""
+    from worldflow.data.video import VideoWriter
+    from worldflow.errors import InputError
+
+    frames = _frames(t=12)
+    path = tmp_path / "stream.mp4"
+    w = VideoWriter(path, fps=12)
+    w.append(frames[0])
+    w.append(frames[1:7])
+    for f in frames[7:]:
+        w.append(f)
+    assert w.frames == 12 and not path.exists()  # a temporary until close
+    assert w.close() == path and w.close() == path  # idempotent
+    r = VideoReader(path, backend="pyav")
+    assert np.array_equal(r.read_all(), frames) and r.fps == pytest.approx(12)
+    with pytest.raises(InputError, match="differs from the stream"):
+        with VideoWriter(tmp_path / "bad.mp4") as bad:
+            bad.append(frames[0])
+            bad.append(frames[0, :10])
+    with pytest.raises(InputError, match="no frames were appended"):
+        VideoWriter(tmp_path / "empty.mp4").close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stream.mp4"]  # no partial, no temporary

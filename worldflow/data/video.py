@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 from fractions import Fraction
 from pathlib import Path
 
-from worldflow.io import atomic_path
-from worldflow.errors import WorldflowError
-
 import numpy as np
-from worldflow.errors import InputError
+
+from worldflow.errors import InputError, WorldflowError
+from worldflow.io import atomic_path
 
 # Keyframe every 32 frames: measured on 64×64 lossless episodes, a random 16-frame clip reads in
 # ~5.5 ms with decord versus ~15 ms with x264's default GOP of 250, for <1% larger files.
@@ -57,6 +56,105 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
+class VideoWriter:
+    """Streaming H.264 writer: ``append`` frames as they are made, ``close`` to finish the file.
+
+    ``VideoWriter(path, fps, lossless)`` opens nothing until the first :meth:`append`, whose frame size
+    fixes the stream's. Frames go to the encoder as they arrive, so memory stays constant however many
+    are written (a 1000-frame rollout holds one frame at a time). The file is written under a temporary
+    name in the same folder and renamed onto ``path`` by :meth:`close` (fsync first), so ``path`` is
+    either absent or a complete video; an exception inside ``with VideoWriter(...)`` removes the
+    temporary instead. Codecs as in :func:`write_video`: lossless libx264rgb crf 0 rgb24, or lossy libx264
+    crf 18 yuv420p (even H and W).
+    """
+
+    def __init__(self, path: str | Path, fps: float = 15, lossless: bool = True, gop: int = DEFAULT_GOP):
+        self.path, self.fps, self.lossless, self.gop = Path(path), fps, lossless, gop
+        self.frames = 0  # frames appended so far
+        self._stack: ExitStack | None = None
+        self._container = self._stream = None
+        self._shape: tuple[int, int] | None = None
+        self._closed = False
+
+    def _open(self, h: int, w: int) -> None:
+        import av
+
+        spec = LOSSLESS_CODEC if self.lossless else LOSSY_CODEC
+        if not self.lossless and (h % 2 or w % 2):
+            raise InputError(f"lossy yuv420p video needs even height and width, got {h}x{w}")
+        self._stack = ExitStack()
+        try:
+            tmp = self._stack.enter_context(atomic_path(self.path, keep_suffix=True))
+            self._container = self._stack.enter_context(av.open(str(tmp), "w"))
+            self._stream = self._container.add_stream(spec["codec"],
+                                                      rate=Fraction(self.fps).limit_denominator(1001))
+            self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, spec["pix_fmt"]
+            self._stream.options = {"crf": str(spec["crf"]), "g": str(self.gop)}
+        except BaseException:
+            self._abort()
+            raise
+        self._shape = (h, w)
+
+    def append(self, frames: np.ndarray) -> None:
+        """Encode uint8 RGB frames: one (H, W, 3) or several (T, H, W, 3), all of the first frame's size."""
+        if self._closed:
+            raise ValueError(f"{self.path}: append after close")
+        frames = np.asarray(frames)
+        frames = _check_frames(frames[None] if frames.ndim == 3 else frames)
+        h, w = frames.shape[1:3]
+        if self._shape is None:
+            self._open(h, w)
+        elif (h, w) != self._shape:
+            raise InputError(f"{self.path}: frame size {h}x{w} differs from the stream's "
+                             f"{self._shape[0]}x{self._shape[1]}")
+        import av
+
+        try:
+            for frame in frames:
+                for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    self._container.mux(packet)
+        except BaseException:
+            self._abort()
+            raise
+        self.frames += len(frames)
+
+    def close(self) -> Path:
+        """Flush the encoder, close the file and rename it onto ``path``; returns ``path``. Idempotent."""
+        if self._closed:
+            return self.path
+        if self._stack is None:
+            self._closed = True
+            raise InputError(f"{self.path}: no frames were appended, so there is no video to write")
+        try:
+            for packet in self._stream.encode():  # delayed frames
+                self._container.mux(packet)
+        except BaseException:
+            self._abort()
+            raise
+        self._closed = True
+        self._stack.close()  # closes the container, then fsyncs and renames the temporary
+        return self.path
+
+    def _abort(self) -> None:
+        """Drop the temporary file (the error propagates through atomic_path, which deletes it)."""
+        self._closed = True
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            try:
+                stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            except RuntimeError:
+                pass
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+
 def write_video(
     path: str | Path,
     frames: np.ndarray,
@@ -68,27 +166,22 @@ def write_video(
 
     ``lossless=True``: libx264rgb crf 0 rgb24, a pixel-exact round trip. ``lossless=False``: libx264
     crf 18 yuv420p (H and W must be even). The file appears under its final name only once complete
-    (temporary file in the same folder, fsync, rename). Returns the path.
+    (temporary file in the same folder, fsync, rename). Returns the path. One :class:`VideoWriter`
+    pass: the same encoder path as streamed videos.
     """
-    import av
-
     frames = _check_frames(frames)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    spec = LOSSLESS_CODEC if lossless else LOSSY_CODEC
-    _, h, w, _ = frames.shape
-    if not lossless and (h % 2 or w % 2):
-        raise InputError(f"lossy yuv420p video needs even height and width, got {h}x{w}")
-    with atomic_path(path, keep_suffix=True) as tmp, av.open(str(tmp), "w") as container:
-        stream = container.add_stream(spec["codec"], rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, spec["pix_fmt"]
-        stream.options = {"crf": str(spec["crf"]), "g": str(gop)}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():  # flush delayed frames
-            container.mux(packet)
-    return path
+    with VideoWriter(path, fps=fps, lossless=lossless, gop=gop) as w:
+        w.append(frames)
+    return Path(path)
+
+
+def pad_even(frames: np.ndarray) -> np.ndarray:
+    """Pad (..., H, W, 3) by repeating the last row / column so H and W are even (yuv420p needs it)."""
+    h, w = frames.shape[-3:-1]
+    if not (h % 2 or w % 2):
+        return frames
+    pad = [(0, 0)] * (frames.ndim - 3) + [(0, h % 2), (0, w % 2), (0, 0)]
+    return np.pad(frames, pad, mode="edge")
 
 
 def write_gif(path: str | Path, frames: np.ndarray, fps: int = 15, loop: int = 0) -> Path:
@@ -149,8 +242,7 @@ def write_mp4_and_gif(
     if scale > 1:
         grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
     if not lossless:
-        h, w = grid.shape[1:3]
-        grid = np.pad(grid, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        grid = pad_even(grid)
     base = Path(path)
     base = base.with_suffix("") if base.suffix in (".mp4", ".gif") else base
     mp4 = write_video(base.with_name(base.name + ".mp4"), grid, fps=fps, lossless=lossless)
@@ -189,6 +281,11 @@ class _DecordBackend:
 
     def __len__(self) -> int:
         return self._len
+
+    @property
+    def fps(self) -> float | None:
+        fps = float(self._vr.get_avg_fps())
+        return fps if fps > 0 and math.isfinite(fps) else None
 
     def get_batch(self, indices: np.ndarray) -> np.ndarray:
         out = self._vr.get_batch(indices.tolist())
@@ -299,6 +396,10 @@ class _PyAVBackend:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def fps(self) -> float | None:
+        return float(self._rate) if self._rate else None
+
     def get_batch(self, indices: np.ndarray) -> np.ndarray:
         wanted = sorted(set(indices.tolist()))
         lo, hi = wanted[0], wanted[-1]
@@ -402,6 +503,11 @@ class VideoReader:
     # -- access ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._handle())
+
+    @property
+    def fps(self) -> float | None:
+        """Average frame rate stored in the file (frames per second), or None where it records none."""
+        return self._handle().fps
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Frames at ``indices`` (any order, repeats allowed) as uint8 (N, H, W, 3) RGB."""

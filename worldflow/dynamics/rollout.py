@@ -1,12 +1,15 @@
-"""Autoregressive generation one frame at a time: :class:`RolloutStream` and :func:`rollout`."""
+"""Autoregressive generation one frame at a time: :class:`RolloutStream`, :func:`rollout_stream` (an
+iterator over frames, constant memory for any horizon) and :func:`rollout` (all frames at once)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from worldflow import flow, rng
-from worldflow.dynamics.actions import Actions, cat_actions, shift_actions, tree_map
+from worldflow.dynamics.actions import Actions, cat_actions, tree_map
 from worldflow.dynamics.model import DynamicsModel
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,6 +108,80 @@ class RolloutStream:
         return z, self.observe(z, actions, action_mask)
 
 
+def _leaf(actions: Actions) -> Tensor:
+    """The first tensor of an action pytree (its leading dims are the pytree's (B, T))."""
+    while isinstance(actions, (tuple, list, dict)):
+        actions = next(iter(actions.values())) if isinstance(actions, dict) else actions[0]
+    return actions
+
+
+def action_window(actions: Actions, action_mask: Tensor | None, lo: int, hi: int
+                  ) -> tuple[Actions, Tensor | None]:
+    """Dataset actions ``lo .. hi-1`` of ``actions`` (B, T_a, ...) with their mask (B, hi - lo).
+
+    Indices outside [0, T_a) get a zero action with mask False: before the first frame there is no
+    action, and past the end of a clip the action is unknown (the unlabeled path). ``actions`` None gives
+    (None, None); ``action_mask`` None means every given action is real.
+    """
+    if actions is None:
+        return None, None
+    leaf = _leaf(actions)
+    b, t_a = leaf.shape[:2]
+    mask = action_mask if action_mask is not None else leaf.new_ones(b, t_a, dtype=torch.bool)
+    a, z = max(lo, 0), min(hi, t_a)
+    before, after = a - lo, hi - max(z, a)
+
+    def pad(x: Tensor) -> Tensor:
+        inside = x[:, a:z] if z > a else x[:, :0]
+        parts = [x.new_zeros((b, before, *x.shape[2:])), inside, x.new_zeros((b, after, *x.shape[2:]))]
+        return torch.cat(parts, dim=1)
+
+    return tree_map(pad, actions), pad(mask)
+
+
+def rollout_stream(
+    model: DynamicsModel,
+    context_latents: Tensor,
+    actions: Actions,
+    horizon: int | None,
+    steps: int | None = None,
+    context_signal: float | None = None,
+    generator: torch.Generator | None = None,
+    action_mask: Tensor | None = None,
+    task: Tensor | None = None,
+    use_cache: bool = True,
+) -> Iterator[Tensor]:
+    """Generated latents one frame at a time: yields (B, 1, N, D) for each of ``horizon`` frames
+    (``horizon`` None: without end).
+
+    Arguments as in :func:`rollout`, except that the dataset-aligned ``actions`` (B, T_a, ...) may have
+    any length T_a: a frame whose action lies past T_a gets a masked action (see :func:`action_window`),
+    so a long rollout follows a clip's true actions as far as the clip goes and continues without them.
+    With the cache (default) memory and time per frame are constant (the window of
+    ``cfg.context`` frames); nothing is kept per frame. ``steps`` is checked here, before the first frame.
+    """
+    cfg = model.cfg
+    steps = cfg.steps if steps is None else steps
+    flow.check_steps(steps, cfg.k_max)
+    return _stream(model, context_latents, actions, action_mask, horizon, steps,
+                   RolloutStream(model, context_latents.shape[0], task, context_signal, generator, use_cache))
+
+
+@torch.no_grad()
+def _stream(model: DynamicsModel, context_latents: Tensor, actions: Actions, action_mask: Tensor | None,
+            horizon: int | None, steps: int, stream: RolloutStream) -> Iterator[Tensor]:
+    c = context_latents.shape[1]
+    # frame t carries the action that led to it: dataset action t - 1 (worldflow.dynamics.actions)
+    if c:
+        stream.observe(context_latents, *action_window(actions, action_mask, -1, c - 1))
+    h = 0
+    while horizon is None or h < horizon:
+        t = c + h
+        z, _ = stream.imagine(steps, *action_window(actions, action_mask, t - 1, t))
+        yield z
+        h += 1
+
+
 @torch.no_grad()
 def rollout(
     model: DynamicsModel,
@@ -121,26 +198,16 @@ def rollout(
     """Generate ``horizon`` frames after C context frames; returns latents (B, H, N, D).
 
     context_latents (B, C, N, D) (C may be 0); actions **dataset-aligned** (B, C+H, ...) or None: action t is
-    taken at frame t, so generated frame C+h is conditioned on action C+h−1 (the last action is unused);
-    action_mask (B, C+H) or None. steps K (default ``cfg.steps``) is a power of two ≤ K_max; context level
-    as in :class:`RolloutStream`. ``use_cache=False`` is the full-recompute reference path.
+    taken at frame t, so generated frame C+h is conditioned on action C+h−1 (the last action is unused;
+    shorter actions leave the frames past them unlabeled, as in :func:`rollout_stream`); action_mask
+    (B, C+H) or None. steps K (default ``cfg.steps``) is a power of two ≤ K_max; context level as in
+    :class:`RolloutStream`. ``use_cache=False`` is the full-recompute reference path. This is
+    :func:`rollout_stream` collected; a long rollout should consume the stream instead of holding all
+    H frames.
     """
-    cfg = model.cfg
-    steps = cfg.steps if steps is None else steps
-    flow.check_steps(steps, cfg.k_max)
-    b, c = context_latents.shape[:2]
-    stream = RolloutStream(model, b, task, context_signal, generator, use_cache)
-    prev_actions, prev_mask = shift_actions(actions, action_mask)
-    frame_actions = lambda lo, hi: (
-        tree_map(lambda a: a[:, lo:hi], prev_actions),
-        None if prev_mask is None else prev_mask[:, lo:hi],
-    )
-    if c:
-        stream.observe(context_latents, *frame_actions(0, c))
-    out = []
-    for h in range(horizon):
-        z, _ = stream.imagine(steps, *frame_actions(c + h, c + h + 1))
-        out.append(z)
-    if not out:
+    frames = list(rollout_stream(model, context_latents, actions, horizon, steps, context_signal, generator,
+                                 action_mask, task, use_cache))
+    if not frames:
+        b = context_latents.shape[0]
         return context_latents.new_zeros(b, 0, *context_latents.shape[2:])
-    return torch.cat(out, dim=1)
+    return torch.cat(frames, dim=1)

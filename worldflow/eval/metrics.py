@@ -1,6 +1,8 @@
-"""Image-quality metrics on frames in [0, 1]: PSNR and SSIM (Wang et al. 2004, Gaussian window).
+"""Image-quality metrics on frames in [0, 1]: PSNR and SSIM (Wang et al. 2004, Gaussian window), and the
+Fréchet distance between feature distributions (Heusel et al. 2017), from feature sets or from running
+moments (:class:`GaussianMoments`, constant memory however many frames are scored).
 
-All functions take float tensors (..., H, W, 3) in [0, 1] and reduce over the last three dims, so a
+PSNR and SSIM take float tensors (..., H, W, 3) in [0, 1] and reduce over the last three dims, so a
 (B, T, H, W, 3) input gives (B, T) per-frame values.
 """
 
@@ -74,17 +76,62 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"expected feature sets (N, D) and (M, D), got {tuple(x.shape)}, {tuple(y.shape)}")
-    if min(len(x), len(y)) < 2:
-        raise ValueError("each feature set needs at least 2 rows for a covariance")
-    x, y = x.double(), y.double()
-    mu_x, mu_y = x.mean(0), y.mean(0)
-    dim = x.shape[1]
-    s_x, s_y = torch.cov(x.T).reshape(dim, dim), torch.cov(y.T).reshape(dim, dim)  # D = 1: cov is 0-d
+    return GaussianMoments.of(x).frechet(GaussianMoments.of(y))
+
+
+def frechet_from_moments(mu_x: torch.Tensor, s_x: torch.Tensor, mu_y: torch.Tensor, s_y: torch.Tensor
+                         ) -> float:
+    """:func:`frechet_distance` from means (D,) and covariances (D, D) (float64 recommended)."""
+    mu_x, s_x, mu_y, s_y = (t.double() for t in (mu_x, s_x, mu_y, s_y))
     evals, evecs = torch.linalg.eigh(s_x)
     root_x = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T  # S_x^(1/2)
     cross = torch.linalg.eigvalsh(root_x @ s_y @ root_x).clamp(min=0).sqrt().sum()
     d = (mu_x - mu_y).square().sum() + torch.trace(s_x) + torch.trace(s_y) - 2 * cross
     return float(d.clamp(min=0))
+
+
+class GaussianMoments:
+    """Running count, sum and sum of outer products of feature rows (float64): the sufficient statistics
+    of a Gaussian fit, so a Fréchet distance over any number of rows needs O(D^2) memory, not O(N D).
+
+    ``add(x)`` takes rows (N, D); ``mean`` and ``cov`` (unbiased, N - 1) read the fit; ``frechet(other)``
+    is :func:`frechet_distance` between the two fits. Sums in float64 keep the one-pass covariance
+    (E[xx^T] - mu mu^T) accurate for bounded features such as tokenizer latents.
+    """
+
+    def __init__(self, dim: int):
+        self.dim, self.n = dim, 0
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> GaussianMoments:
+        """The moments of the rows of x (N, D)."""
+        m = cls(x.shape[1])
+        m.add(x)
+        return m
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate rows x (N, D) (any device and float dtype)."""
+        x = x.detach().to("cpu", torch.float64).reshape(-1, self.dim)
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        if self.n < 2:
+            raise ValueError("each feature set needs at least 2 rows for a covariance")
+        mu = self.mean
+        return (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+
+    def frechet(self, other: GaussianMoments) -> float:
+        """Fréchet distance between the Gaussian fits of self and other (ValueError below 2 rows each)."""
+        return frechet_from_moments(self.mean, self.cov, other.mean, other.cov)
 
 
 def object_match(got: dict, want: dict, lead: int) -> dict:

@@ -1,16 +1,49 @@
 """``worldflow eval``: held-out open-loop rollouts scored per horizon, tokenizer reconstruction, plots.
 
-Protocol: condition on C context frames of held-out episodes, roll out H frames with the
-true actions, decode, and compare with the real frames (context excluded). Baselines: repeating the last
-context frame, and the same rollout with actions shuffled across the batch (action sensitivity).
+Protocol: condition on C context frames of held-out episodes, roll out H frames (H = the largest of
+``--horizons``) with the true actions, decode, and compare with the real frames (context excluded).
+Baselines: repeating the last context frame, and the same rollout with actions shuffled across the batch
+(action sensitivity). Every clip is scored in one batch, frame by frame, through the dynamics model's
+bounded KV cache and the tokenizer's streaming decode cache: per horizon step only that frame's scores
+and features are accumulated, so memory does not grow with H (horizons of 1000 frames and more).
 
-JSON keys (a public contract): ``psnr``, ``ssim`` (maps horizon -> mean), ``baseline_copy_last`` and
-``shuffled_actions`` (each {"psnr": map, "ssim": map}), ``steps``, ``frames_per_second``, optional
-``steps_sweep`` (map K -> mean PSNR over the requested horizons), ``lpips`` and ``fvd`` (null: absent
-unless their weights are configured locally), ``context``, ``clips``; ``--tokenizer-only`` writes
-``recon_psnr`` and ``recon_ssim``; ``--env ID --episodes N`` writes ``policy_return``, ``random_return``,
-``expert_return`` (where the env has an expert) and ``bc_return`` (where a BC policy exists), each the
-mean over the episodes.
+**Past the truth.** A clip is a window of min(C + H, longest held-out episode) frames; its true actions
+are used as far as the window goes, later frames get masked actions (the unlabeled path), so any horizon
+can be rolled out. PSNR, SSIM and object accuracy need the real frame, so for horizons beyond the window
+(``truth_horizon`` = window − C; e.g. action-free video whose episodes end) they are null, while the
+Fréchet distance, which needs no frame-by-frame truth, is still reported.
+
+**Fréchet distance** (Heusel et al. 2017; :func:`worldflow.eval.metrics.frechet_distance`). Features of a
+frame: the run's own tokenizer encoder applied to that frame alone (a one-frame clip, as every training
+clip starts), its latents (N_l, D_b) mean-pooled over the tokens and concatenated with their standard
+deviation over the tokens: 2·D_b numbers. Generated frames are *decoded* and re-encoded, so real and
+generated frames pass through exactly the same function (pixels -> encoder -> pool); comparing the
+generated latents directly would score latents the decoder may render identically, and would put the
+real frames (encoded by a causal encoder with history) and the generated ones on different footings.
+Pooling keeps the dimension small enough for a covariance from a few hundred samples; no pretrained
+network (Inception, I3D) is needed, so it runs offline. The value for horizon h is over the generated
+frames of every clip in the window (previous requested horizon, h], against a reference of real frames.
+The held-out episodes are split by episode into two halves A and B (alternately, in id order); the
+reference is every frame of half B. **Estimator bias:** a Fréchet estimate from n samples is biased
+upwards by roughly O(D/n), so the floor is matched in sample count: ``frechet_real_floor`` is a map keyed
+by horizon whose value is the distance from n_h frames of half A (random subsets without replacement,
+mean over 4 draws) to the same reference, n_h being the window's generated sample count
+(``frechet_samples``; capped at half A's frame count, where the floor's sample is then smaller). It is
+what a model whose frames were real frames of other episodes would score; note that the evaluated clips
+may start in half-B episodes, which can only flatter the model. With fewer than two held-out episodes the
+reference is every held-out frame and the floor is null.
+
+JSON keys (a public contract): ``psnr``, ``ssim`` (maps horizon -> mean over clips, null past the truth),
+``baseline_copy_last`` and ``shuffled_actions`` (each {"psnr": map, "ssim": map}; ``shuffled_actions`` is
+null for an action-free run: no actions to shuffle), ``frechet`` (map horizon -> Fréchet distance of the
+window ending there), ``frechet_real_floor`` (map horizon -> the matched real-vs-real floor, or null),
+``frechet_samples`` (map horizon -> generated frames in the window), ``truth_horizon``, ``steps``,
+``frames_per_second`` (generated and decoded frames per second), optional ``steps_sweep`` (map K -> mean
+PSNR over the requested horizons that have truth), ``lpips`` and ``fvd`` (null: absent unless their
+weights are configured locally), ``context``, ``clips``; ``--tokenizer-only`` writes ``recon_psnr`` and
+``recon_ssim``; ``--env ID --episodes N`` writes ``policy_return``, ``random_return``, ``expert_return``
+(where the env has an expert) and ``bc_return`` (where a BC policy exists), each the mean over the
+episodes.
 
 For envs whose sprites can be read off the pixels (Catch, see worldflow.envs.object_reader) it adds
 ``objects`` ({object: map horizon -> fraction of clips whose predicted object cells equal the true ones},
@@ -21,28 +54,35 @@ over the horizons}).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from worldflow import flow
+from worldflow import flow, rng
 from worldflow.argtypes import nonneg_int, positive_int, power_of_two
 from worldflow.config import Config
-from worldflow.data.clips import ClipBank
+from worldflow.data.clips import ClipBank, fixed_windows
 from worldflow.data.dataset import select_episodes
 from worldflow.data.episodes import load_manifest
 from worldflow.dynamics.model import DynamicsModel
+from worldflow.dynamics.rollout import rollout_stream
 from worldflow.errors import InputError
-from worldflow.eval.metrics import ObjectReader, object_match, psnr, ssim
+from worldflow.eval.metrics import GaussianMoments, ObjectReader, object_match, psnr, ssim
 from worldflow.eval.visual import comparison_video, plot_curves, write_media
 from worldflow.io import atomic_write_text
 from worldflow.tokenizer.model import CausalTokenizer
 
 DEFAULT_HORIZONS = (1, 2, 4, 8, 16, 32, 64)
+VIDEO_FRAMES = 64  # predicted frames of eval's comparison video (kept in memory: bounded, not H)
+VIDEO_CLIPS = 4  # clips in it
+FLOOR_DRAWS = 4  # random real subsets averaged into each frechet_real_floor value
 
 
 def decode_rollout(tok: CausalTokenizer, context_latents: torch.Tensor, pred_latents: torch.Tensor
@@ -55,91 +95,221 @@ def decode_rollout(tok: CausalTokenizer, context_latents: torch.Tensor, pred_lat
     return tok.decode(z)[:, context_latents.shape[1]:]
 
 
+@torch.no_grad()
+def decoded_stream(tok: CausalTokenizer, context_latents: torch.Tensor, latents: Iterator[torch.Tensor]
+                   ) -> Iterator[torch.Tensor]:
+    """Frames (B, H, W, 3) in [0, 1], one per streamed latent (B, 1, N, D), decoded through a bounded
+    decode cache (``tok.new_decode_cache``) after the context latents (B, C, N, D): the decoder is causal,
+    so each frame sees the same past as :func:`decode_rollout` gives it, in constant memory."""
+    cache = tok.new_decode_cache(context_latents.shape[0])
+    if context_latents.shape[1]:
+        tok.decode(context_latents, cache)
+    for z in latents:
+        yield tok.decode(z, cache)[:, 0]
+
+
+@torch.no_grad()
+def frame_features(tok: CausalTokenizer, frames: torch.Tensor) -> torch.Tensor:
+    """Fréchet features of frames (B, H, W, 3), uint8 or float [0, 1] -> (B, 2·D_b): each frame encoded
+    alone, its latents' mean and standard deviation over the N_l tokens (see the module docstring)."""
+    z = tok.encode(frames[:, None])[:, 0].float()  # (B, N_l, D_b)
+    return torch.cat([z.mean(1), z.std(1, unbiased=False)], dim=-1)
+
+
+@dataclass
+class Scores:
+    """What one scoring pass accumulates: means over clips at the requested horizons (None past the
+    truth), Fréchet moments per horizon window, the kept video frames and the generation time."""
+
+    psnr: dict[int, float | None]
+    ssim: dict[int, float | None]
+    objects: dict[str, dict[int, float | None]] | None = None
+    moments: dict[int, GaussianMoments] | None = None
+    video: torch.Tensor | None = None  # (VIDEO_CLIPS, T, H, W, 3) float [0, 1], T <= VIDEO_FRAMES
+    seconds: float = 0.0
+    frames: int = 0
+
+    def metrics(self) -> dict[str, Any]:
+        """The JSON part: {"psnr": map, "ssim": map[, "objects": {object: map}]}."""
+        out: dict[str, Any] = {"psnr": self.psnr, "ssim": self.ssim}
+        if self.objects is not None:
+            out["objects"] = self.objects
+        return out
+
+
 class RolloutEvaluator:
-    """Scores open-loop rollouts on a fixed set of held-out clips (same clips at every call)."""
+    """Scores open-loop rollouts on a fixed set of held-out clips (same clips at every call).
+
+    ``bank``: held-out episodes with ``latents`` and ``frames`` (see :func:`with_frames`). Clips are
+    windows of min(context + horizon, longest episode) frames; see the module docstring for horizons past
+    them. Nothing of size horizon × frame is held: frames are fetched from the bank one step at a time.
+    """
 
     def __init__(self, tok: CausalTokenizer, bank: ClipBank, cfg: Config, device: torch.device,
                  context: int, horizon: int, clips: int = 32, seed: int = 0,
                  reader: ObjectReader | None = None):
         self.tok, self.cfg, self.device, self.reader = tok, cfg, device, reader
-        self._truth_objects: dict | None = None
-        self.context, self.horizon = context, horizon
-        self.batch = {k: v.to(device) for k, v in bank.fixed_batch(clips, context + horizon).items()}
-        self.seed = seed
+        self.bank, self.context, self.horizon, self.seed = bank, context, horizon, seed
+        self.window = min(context + horizon, int(bank.lengths.max()))
+        self.truth_horizon = self.window - context  # horizons 1..truth_horizon have a real frame
+        self.eps, self.starts = fixed_windows(bank.lengths, clips, self.window)
+        self.context_latents = self._gather("latents", 0, context).to(device)  # (B, C, N, D)
+        self.actions = self._gather("actions", 0, self.window).to(device)  # (B, W, ...) dataset-aligned
+        self.action_mask = self._gather("action_mask", 0, self.window).to(device)  # (B, W)
+        self._real_features: list[torch.Tensor] | None = None
 
-    def truth_frames(self) -> torch.Tensor:
-        """Ground-truth frames (B, H, h, w, 3) in [0, 1] of the predicted span."""
-        return self.batch["frames"][:, self.context:].float() / 255.0
+    @property
+    def clips(self) -> int:
+        return len(self.eps)
 
-    @torch.no_grad()
-    def predict(self, model, steps: int, shuffle_actions: bool = False, chunk: int = 32) -> torch.Tensor:
-        from worldflow.dynamics import rollout
+    def _gather(self, key: str, lo: int, hi: int, clips: int | None = None) -> torch.Tensor:
+        """Window offsets lo..hi-1 of ``key`` for the first ``clips`` clips, (B, hi - lo, ...)."""
+        pairs = list(zip(self.eps, self.starts))[:clips]
+        return torch.stack([self.bank.episodes[e][key][s + lo : s + hi] for e, s in pairs])
 
-        b = self.batch
-        actions, mask = b["actions"], b["action_mask"]
+    def truth_at(self, h: int, clips: int | None = None) -> torch.Tensor:
+        """Real frames (B, H, W, 3) uint8 at horizon h (1-based, h <= truth_horizon)."""
+        return self._gather("frames", self.context + h - 1, self.context + h, clips)[:, 0].to(self.device)
+
+    def real_frames(self, frames: int, clips: int) -> torch.Tensor:
+        """The first ``frames`` frames (context included) of the first ``clips`` clips, uint8 (B, T, H, W, 3);
+        black past the truth."""
+        have = self._gather("frames", 0, min(frames, self.window), clips)
+        pad = have.new_zeros((have.shape[0], frames - have.shape[1], *have.shape[2:]))
+        return torch.cat([have, pad], dim=1)
+
+    def stream(self, model, steps: int, shuffle_actions: bool = False) -> Iterator[torch.Tensor]:
+        """Predicted frames (B, H, W, 3) in [0, 1] for horizons 1, 2, ..., ``self.horizon``, every clip in
+        one batch, with the true actions (masked past the window) or, ``shuffle_actions``, another clip's."""
+        actions, mask = self.actions, self.action_mask
         if shuffle_actions:  # a fixed derangement across the batch: every clip gets another clip's actions
             perm = torch.roll(torch.arange(actions.shape[0], device=actions.device), 1)
             actions, mask = actions[perm], mask[perm]
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        c = self.context
-        frames = []
-        for i in range(0, actions.shape[0], chunk):
-            sl = slice(i, i + chunk)
-            z = rollout(model, b["latents"][sl, :c], actions[sl], self.horizon, steps,
-                        action_mask=mask[sl], generator=gen)
-            frames.append(decode_rollout(self.tok, b["latents"][sl, :c], z))
-        return torch.cat(frames)
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)  # same seed: same rollout
+        latents = rollout_stream(model, self.context_latents, actions, self.horizon, steps, generator=gen,
+                                 action_mask=mask)
+        return decoded_stream(self.tok, self.context_latents, latents)
 
-    def copy_last(self) -> torch.Tensor:
-        last = self.batch["frames"][:, self.context - 1 : self.context].float() / 255.0
-        return last.expand(-1, self.horizon, *last.shape[2:])
+    @torch.no_grad()
+    def predict(self, model, steps: int, shuffle_actions: bool = False) -> torch.Tensor:
+        """All predicted frames (B, H, H_px, W_px, 3) in [0, 1]: short horizons only (it holds them all)."""
+        return torch.stack(list(self.stream(model, steps, shuffle_actions)), dim=1)
 
-    def per_horizon(self, pred: torch.Tensor, horizons: list[int]) -> dict[str, dict[int, float]]:
-        truth = self.truth_frames()
-        p, s = psnr(pred, truth).mean(0), ssim(pred, truth).mean(0)
-        hs = [h for h in horizons if h <= self.horizon]
-        out: dict = {"psnr": {h: float(p[h - 1]) for h in hs}, "ssim": {h: float(s[h - 1]) for h in hs}}
-        if self.reader is not None:
-            acc = self.object_accuracy(pred)
-            out["objects"] = {k: {h: float(v[h - 1]) for h in hs} for k, v in acc.items()}
+    @torch.no_grad()
+    def score(self, model, steps: int, horizons: Sequence[int], shuffle_actions: bool = False,
+              frechet: bool = False, video: int = 0, progress: bool = False) -> Scores:
+        """One pass over horizons 1..H: PSNR/SSIM (and object accuracy) means over clips at each requested
+        horizon that has truth; with ``frechet``, Gaussian moments of the generated frames' features per
+        window (previous requested horizon, h]; the first ``video`` frames of the first VIDEO_CLIPS clips.
+        Memory is constant in H (moments are O(D^2) per window)."""
+        hs = sorted(set(horizons))
+        out = Scores({h: None for h in hs}, {h: None for h in hs},
+                     objects=None if self.reader is None else {})
+        moments = {h: GaussianMoments(2 * self.tok.cfg.latent_dim) for h in hs} if frechet else None
+        kept = []
+        frames = self.stream(model, steps, shuffle_actions)
+        bar = tqdm(range(1, self.horizon + 1), desc=f"rollout K={steps}", disable=not progress, leave=False)
+        for h in bar:
+            t0 = time.perf_counter()
+            pred = next(frames)
+            out.seconds += time.perf_counter() - t0
+            out.frames += pred.shape[0]
+            if h in out.psnr and h <= self.truth_horizon:
+                self._score_step(out, h, pred, self.truth_at(h))
+            if moments is not None and h <= hs[-1]:  # into the window (previous horizon, next horizon]
+                moments[hs[bisect.bisect_left(hs, h)]].add(frame_features(self.tok, pred))
+            if h <= video:
+                kept.append(pred[:VIDEO_CLIPS].cpu())
+        out.moments = moments
+        if kept:
+            out.video = torch.stack(kept, dim=1)
         return out
 
-    def truth_objects(self) -> dict:
-        """The objects read off the ground-truth frames: fixed clips, so read once and kept."""
-        if self._truth_objects is None:
-            self._truth_objects = self.reader(self.truth_frames().cpu().numpy())
-        return self._truth_objects
+    def _score_step(self, out: Scores, h: int, pred: torch.Tensor, truth: torch.Tensor) -> None:
+        """Record the clip means at horizon h: pred (B, H, W, 3) float, truth uint8."""
+        out.psnr[h] = float(psnr(pred, truth).mean())
+        out.ssim[h] = float(ssim(pred, truth).mean())
+        if self.reader is not None:
+            match = object_match(self.reader(pred.cpu().numpy()), self.reader(truth.cpu().numpy()), lead=1)
+            for k, m in match.items():
+                out.objects.setdefault(k, {g: None for g in out.psnr})[h] = float(m.mean())
 
-    def object_accuracy(self, pred: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per object: the fraction of clips, per horizon (H,), whose predicted cells equal the truth."""
-        match = object_match(self.reader(pred.cpu().numpy()), self.truth_objects(), lead=2)
-        return {k: torch.as_tensor(m.mean(0)) for k, m in match.items()}
+    def copy_last(self, horizons: Sequence[int]) -> Scores:
+        """The copy-last-frame baseline at the requested horizons that have truth."""
+        hs = sorted(set(horizons))
+        out = Scores({h: None for h in hs}, {h: None for h in hs},
+                     objects=None if self.reader is None else {})
+        last = self._gather("frames", self.context - 1, self.context)[:, 0].to(self.device)
+        for h in hs:
+            if h <= self.truth_horizon:
+                self._score_step(out, h, last.float() / 255.0, self.truth_at(h))
+        return out
+
+    # -------------------------------------------------------------------------------------- Fréchet
+
+    def real_features(self, chunk: int = 256) -> list[torch.Tensor]:
+        """Fréchet features of every frame of every held-out episode: a list of (L_i, 2·D_b), cached."""
+        if self._real_features is None:
+            feats = []
+            for ep in self.bank.episodes:
+                f = ep["frames"]
+                feats.append(torch.cat([frame_features(self.tok, f[i : i + chunk].to(self.device)).cpu()
+                                        for i in range(0, len(f), chunk)]))
+            self._real_features = feats
+        return self._real_features
+
+    def frechet(self, scores: Scores) -> tuple[dict[int, float | None], dict[int, float | None] | None,
+                                               dict[int, int]]:
+        """(frechet, frechet_real_floor, frechet_samples) maps of a pass scored with ``frechet=True``.
+
+        A window with fewer than 2 generated frames has distance None. See the module docstring for the
+        reference (half B of the held-out episodes) and the sample-matched floor (half A)."""
+        feats = self.real_features()
+        order = sorted(range(len(feats)), key=lambda i: self.bank.ids[i])
+        split = len(order) >= 2
+        half_a = torch.cat([feats[i] for i in order[0::2]]) if split else None
+        ref = GaussianMoments.of(torch.cat([feats[i] for i in (order[1::2] if split else order)]))
+        gen = torch.Generator().manual_seed(self.seed)
+        dist, floor, samples = {}, ({} if split else None), {}
+        for h, m in scores.moments.items():
+            samples[h] = m.n
+            dist[h] = m.frechet(ref) if m.n >= 2 and ref.n >= 2 else None
+            if split:
+                n = min(m.n, len(half_a))
+                subsets = [rng.randperm(len(half_a), gen)[:n] for _ in range(FLOOR_DRAWS)]
+                draws = [GaussianMoments.of(half_a[i]).frechet(ref) for i in subsets] \
+                    if n >= 2 and ref.n >= 2 else []
+                floor[h] = sum(draws) / len(draws) if draws else None
+        return dist, floor, samples
+
+    # ----------------------------------------------------------------------------------------- media
 
     def quick(self, model, step: int, media_dir: Path | None = None) -> dict[str, float]:
         """Mean PSNR over horizons 1..H with the configured K, against copy-last; writes a video."""
         was = model.training
         model.eval()
-        pred = self.predict(model, self.cfg.dynamics.steps)
+        hs = list(range(1, self.horizon + 1))
+        res = self.score(model, self.cfg.dynamics.steps, hs, video=self.horizon if media_dir else 0)
         model.train(was)
-        truth = self.truth_frames()
-        out = {"psnr": float(psnr(pred, truth).mean()), "psnr_copy_last": float(psnr(self.copy_last(),
-                                                                                    truth).mean())}
-        if self.reader is not None:
-            out.update({f"{k}_accuracy": float(v.mean()) for k, v in self.object_accuracy(pred).items()})
+        out = {"psnr": _mean_over(res.psnr, hs), "psnr_copy_last": _mean_over(self.copy_last(hs).psnr, hs)}
+        if res.objects is not None:
+            out.update({f"{k}_accuracy": _mean_over(v, hs) for k, v in res.objects.items()})
         if media_dir is not None:
-            self.write_video(pred, Path(media_dir) / f"rollout_{step:07d}")
+            self.write_video(res.video, Path(media_dir) / f"rollout_{step:07d}")
         return out
 
-    def write_video(self, pred: torch.Tensor, path: Path, n: int = 4) -> None:
-        ctx = self.batch["frames"][:n, : self.context]
-        truth = self.batch["frames"][:n]
-        full_pred = torch.cat([ctx.float() / 255.0, pred[:n]], dim=1)
+    def write_video(self, pred: torch.Tensor, path: Path, n: int = VIDEO_CLIPS) -> None:
+        """Ground truth | prediction | difference of the first ``n`` clips: pred (n', T, H, W, 3) in [0, 1]
+        holds the first T predicted frames (mp4 and GIF at ``path``)."""
+        n = min(n, pred.shape[0])
+        truth = self.real_frames(self.context + pred.shape[1], n)
+        full_pred = torch.cat([truth[:, : self.context].float() / 255.0, pred[:n].cpu()], dim=1)
         write_media(comparison_video(truth, full_pred, context=self.context), path)
 
 
-def _mean_over(m: dict[int, float], horizons: list[int]) -> float:
-    vals = [m[h] for h in horizons if h in m]
-    return sum(vals) / max(1, len(vals))
+def _mean_over(m: dict[int, float | None], horizons: Sequence[int]) -> float | None:
+    vals = [m[h] for h in horizons if m.get(h) is not None]
+    return sum(vals) / len(vals) if vals else None
 
 
 def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: int, clips: int,
@@ -147,9 +317,10 @@ def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: i
                      ) -> tuple[DynamicsModel, RolloutEvaluator]:
     """A run's dynamics model (eval mode) and a :class:`RolloutEvaluator` over held-out clips of ``data``.
 
-    InputError (naming the flag) if ``context`` exceeds the frames the model was trained on, if context +
-    horizon frames exceed the longest held-out episode, or if one of the sampling ``steps`` K is finer
-    than the model's grid (K > k_max)."""
+    Any horizon is allowed (past the held-out truth the rollout continues unscored, see the module
+    docstring). InputError (naming the flag) if ``context`` exceeds the frames the model was trained on or
+    the longest held-out episode, or if one of the sampling ``steps`` K is finer than the model's grid
+    (K > k_max)."""
     from worldflow.distributed import device_of
     from worldflow.run import Run, latent_bank
 
@@ -165,13 +336,18 @@ def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: i
         flow.check_steps(k, cfg.dynamics.k_max, flag="--steps")
     held = select_episodes(load_manifest(data), "heldout", cfg.data.holdout_fraction)
     longest = max(int(e["num_frames"]) for e in held)  # from the manifest: fail before encoding anything
-    if context + horizon > longest:
-        raise InputError(f"--context {context} + horizon {horizon} = {context + horizon} frames, but the "
-                         f"longest held-out episode of {data} has {longest}: lower --context or the horizon")
+    if context > longest:
+        raise InputError(f"--context {context} frames, but the longest held-out episode of {data} has "
+                         f"{longest}: lower --context")
     bank = with_frames(latent_bank(run, data, cfg, "heldout", tok, progress), data, cfg, progress)
     ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips, seed=seed,
                           reader=reader_of(data))
     return model, ev
+
+
+def is_action_free(model: DynamicsModel) -> bool:
+    """Whether the model was trained without actions (its dataset's action space is null)."""
+    return model.action_encoder.space is None
 
 
 def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons: list[int], steps: int,
@@ -180,26 +356,27 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model."""
     model, ev = heldout_rollouts(run, data, context, max(horizons), clips, progress=progress,
                                  steps=[steps, *(steps_sweep or [])])
-    t0 = time.time()
-    pred = ev.predict(model, steps)
-    fps = pred.shape[0] * pred.shape[1] / (time.time() - t0)
-    res: dict[str, Any] = {"steps": steps, "context": context, "clips": int(pred.shape[0])}
-    at_steps = ev.per_horizon(pred, horizons)
-    res.update(at_steps)
-    res["baseline_copy_last"] = ev.per_horizon(ev.copy_last(), horizons)
-    res["shuffled_actions"] = ev.per_horizon(ev.predict(model, steps, shuffle_actions=True), horizons)
-    res["frames_per_second"] = fps
+    main = ev.score(model, steps, horizons, frechet=True, video=min(ev.horizon, VIDEO_FRAMES),
+                    progress=progress)
+    res: dict[str, Any] = {"steps": steps, "context": context, "clips": ev.clips,
+                           "truth_horizon": ev.truth_horizon}
+    res.update(main.metrics())
+    res["frechet"], res["frechet_real_floor"], res["frechet_samples"] = ev.frechet(main)
+    res["baseline_copy_last"] = ev.copy_last(horizons).metrics()
+    res["shuffled_actions"] = None if is_action_free(model) else \
+        ev.score(model, steps, horizons, shuffle_actions=True, progress=progress).metrics()
+    res["frames_per_second"] = main.frames / max(main.seconds, 1e-9)
     res["lpips"] = None  # absent: needs local LPIPS weights (tokenizer.lpips_path)
     res["fvd"] = None  # absent: needs local I3D weights
     if steps_sweep:
         # the same seed gives the same rollout, so K = steps is not generated a second time
-        sweep = {k: at_steps if k == steps else ev.per_horizon(ev.predict(model, k), horizons)
+        sweep = {k: main if k == steps else ev.score(model, k, horizons, progress=progress)
                  for k in steps_sweep}
-        res["steps_sweep"] = {k: _mean_over(r["psnr"], horizons) for k, r in sweep.items()}
+        res["steps_sweep"] = {k: _mean_over(r.psnr, horizons) for k, r in sweep.items()}
         if ev.reader is not None:
-            res["steps_sweep_objects"] = {k: {o: _mean_over(m, horizons) for o, m in r["objects"].items()}
+            res["steps_sweep_objects"] = {k: {o: _mean_over(m, horizons) for o, m in r.objects.items()}
                                           for k, r in sweep.items()}
-    ev.write_video(pred, out_dir / "rollout")
+    ev.write_video(main.video, out_dir / "rollout")
     _plots(res, out_dir)
     return res
 
@@ -219,20 +396,33 @@ def with_frames(bank: ClipBank, data, cfg: Config, progress: bool) -> ClipBank:
     return ClipBank(eps, bank.ids)
 
 
+def _known(curve: dict | None) -> dict:
+    """A curve without its null points (horizons past the truth)."""
+    return {k: v for k, v in (curve or {}).items() if v is not None}
+
+
 def _plots(res: dict[str, Any], out_dir: Path) -> None:
+    shuffled = res.get("shuffled_actions")  # null on an action-free run: nothing to plot
     for metric in ("psnr", "ssim"):
-        plot_curves(out_dir / f"{metric}_vs_horizon.png",
-                    {f"model (K={res['steps']})": res[metric],
-                     "copy last frame": res["baseline_copy_last"][metric],
-                     "shuffled actions": res["shuffled_actions"][metric]},
-                    "horizon (frames)", metric.upper(), title=f"{metric.upper()} vs horizon")
+        curves = {f"model (K={res['steps']})": _known(res[metric]),
+                  "copy last frame": _known(res["baseline_copy_last"][metric])}
+        if shuffled is not None:
+            curves["shuffled actions"] = _known(shuffled[metric])
+        plot_curves(out_dir / f"{metric}_vs_horizon.png", curves, "horizon (frames)", metric.upper(),
+                    title=f"{metric.upper()} vs horizon")
+    curves = {f"model (K={res['steps']})": _known(res["frechet"])}
+    if res.get("frechet_real_floor") is not None:
+        curves["real vs real (floor)"] = _known(res["frechet_real_floor"])
+    plot_curves(out_dir / "frechet_vs_horizon.png", curves, "horizon window end (frames)",
+                "Fréchet distance (tokenizer features)", title="Fréchet distance per horizon window")
     if "objects" in res:
-        curves = {f"{k} (model)": v for k, v in res["objects"].items()}
-        curves.update({f"{k} (copy last)": v for k, v in res["baseline_copy_last"]["objects"].items()})
+        curves = {f"{k} (model)": _known(v) for k, v in res["objects"].items()}
+        copy = res["baseline_copy_last"]["objects"]
+        curves.update({f"{k} (copy last)": _known(v) for k, v in copy.items()})
         plot_curves(out_dir / "objects_vs_horizon.png", curves, "horizon (frames)",
                     "clips with the object in the right cells", title="object accuracy vs horizon")
     if "steps_sweep" in res:
-        plot_curves(out_dir / "psnr_vs_steps.png", {"model": res["steps_sweep"]}, "sampling steps K",
+        plot_curves(out_dir / "psnr_vs_steps.png", {"model": _known(res["steps_sweep"])}, "sampling steps K",
                     "mean PSNR (dB)", title="quality vs K")
 
 
@@ -324,7 +514,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="run directory with trained checkpoints")
     p.add_argument("--data", help="dataset directory (held-out episodes are used)")
     p.add_argument("--context", type=positive_int, default=8, help="context frames C")
-    p.add_argument("--horizons", type=_ints, default=list(DEFAULT_HORIZONS), help="e.g. 1,2,4,8,16,32,64")
+    p.add_argument("--horizons", type=_ints, default=list(DEFAULT_HORIZONS),
+                   help="e.g. 1,2,4,8,16,32,64 (any, e.g. up to 1000: past the held-out truth only the "
+                        "Fréchet distance is scored)")
     p.add_argument("--steps", type=power_of_two, default=4, help="sampling steps K per frame")
     p.add_argument("--steps-sweep", type=_powers_of_two, default=None,
                    help="also score these K, e.g. 1,2,4,8,16,32,64")
