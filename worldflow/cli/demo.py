@@ -87,7 +87,9 @@ def capped_phases(phases: dict[str, dict]) -> list[dict]:
 
 
 def _mean(m: dict) -> float:
-    return sum(m.values()) / max(1, len(m))
+    """Mean of a horizon -> value map over the horizons that have a value (null past the held-out truth)."""
+    vals = [v for v in m.values() if v is not None]
+    return sum(vals) / max(1, len(vals))
 
 
 def _objects(s: dict, prefix: str, suffix: str) -> str:
