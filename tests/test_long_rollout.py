@@ -120,10 +120,11 @@ def _live_tensor_bytes() -> int:
 
 
 def test_long_video_rollout_constant_memory(free_run, source_video, tmp_path, monkeypatch):
-    """Memory at output frame 140 of a rollout equals that at frame 70: nothing is kept per frame. At the
-    same point of the loop (after the GIF preview's bounded buffer is full) it measures the tensors alive
-    (torch's allocations, invisible to tracemalloc) and, traced from frame 70 on, what Python and numpy
-    allocated and still hold."""
+    """Memory at output frames 70, 140 and 210 of a rollout: nothing is kept per frame. At the same point
+    of the loop (after the GIF preview's bounded buffer is full) it measures the tensors alive (torch's
+    allocations, invisible to tracemalloc) and, traced from frame 70 on, what Python and numpy allocated
+    and still hold. Anything kept per frame grows both 70-frame intervals alike; a one-off allocation
+    elsewhere in the process (the suite shares it with other tests) can only move one, hence the min."""
     from worldflow.cli import rollout as cli_rollout
     from worldflow.data.video import VideoWriter
 
@@ -131,9 +132,9 @@ def test_long_video_rollout_constant_memory(free_run, source_video, tmp_path, mo
 
     def append(self, frames):
         real_append(self, frames)
-        if self.frames in (70, 140):
+        if self.frames in (70, 140, 210):
             gc.collect()
-            if self.frames == 70:  # tracing slows Python down: only the 70 frames compared
+            if self.frames == 70:  # tracing slows Python down: only the frames compared
                 tracemalloc.start()
             probes[self.frames] = (_live_tensor_bytes(), tracemalloc.get_traced_memory()[0])
 
@@ -141,14 +142,14 @@ def test_long_video_rollout_constant_memory(free_run, source_video, tmp_path, mo
     assert cli_rollout.PREVIEW_FRAMES < 70
     try:
         assert main(["rollout", "--run", str(free_run), "--video", str(source_video), "--context", "2",
-                     "--horizon", "138", "--steps", "1", "--out", str(tmp_path / "m.mp4"),
+                     "--horizon", "208", "--steps", "1", "--out", str(tmp_path / "m.mp4"),
                      "--no-progress"]) == 0
     finally:
         tracemalloc.stop()
-    (t70, py70), (t140, py140) = probes[70], probes[140]
+    (t70, py70), (t140, py140), (t210, py210) = probes[70], probes[140], probes[210]
     # kept per frame, a latent would add 70 x 128 bytes, a decoded frame 70 x 3 KB, a composed one 630 KB
-    assert abs(t140 - t70) < 4096, (t70, t140)
-    assert py140 - py70 < 256 * 1024, (py70, py140)
+    assert min(t140 - t70, t210 - t140) < 4096, (t70, t140, t210)
+    assert min(py140 - py70, py210 - py140) < 256 * 1024, (py70, py140, py210)
 
 
 def test_rollout_needs_exactly_one_source(free_run, free_data, source_video, tmp_path, capsys):
@@ -189,10 +190,10 @@ def test_frechet_floor_matches_sample_counts(free_run, free_data):
 
     _, ev = heldout_rollouts(free_run, free_data, 2, 8, 4, progress=False)
     dim = 2 * ev.tok.cfg.latent_dim
-    fake = type("S", (), {"moments": {1: GaussianMoments(dim), 8: GaussianMoments(dim)}})()
+    fake = type("S", (), {"moments": {1: GaussianMoments(dim), 8: GaussianMoments(dim)}, "samples": None})()
     fake.moments[1].n, fake.moments[8].n = 4, 60  # only the counts matter to the floor
-    _, floor, samples = ev.frechet(fake)
-    assert samples == {1: 4, 8: 60} and floor[1] > floor[8] > 0
+    r = ev.frechet(fake)
+    assert r.samples == {1: 4, 8: 60} and r.floor[1] > r.floor[8] > 0
 
 
 def test_action_window_masks_past_the_clip():

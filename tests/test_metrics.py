@@ -94,3 +94,35 @@ def test_gaussian_moments_stream_equals_the_feature_sets():
     assert mx.frechet(my) == pytest.approx(frechet_distance(x, y), rel=1e-9)
     with pytest.raises(ValueError, match="at least 2 rows"):
         GaussianMoments.of(x[:1]).frechet(my)
+
+
+def test_reservoir_is_a_uniform_seeded_subsample_of_the_stream():
+    """Algorithm R: a stream no longer than the capacity is kept whole and in order; a longer one leaves
+    each row kept with probability capacity / n, whatever its position or the chunking, and a seed
+    fixes the sample."""
+    from worldflow.eval.metrics import Reservoir
+
+    rows = torch.arange(10.0)[:, None].repeat(1, 3)
+    small = Reservoir(16, 3, torch.Generator().manual_seed(0))
+    small.add(rows[:4])
+    small.add(rows[4:])
+    assert torch.equal(small.rows, rows) and small.n == 10
+
+    n, cap, trials = 400, 40, 300
+    stream = torch.arange(float(n))[:, None]
+    counts = torch.zeros(n)
+    for t in range(trials):
+        r = Reservoir(cap, 1, torch.Generator().manual_seed(t))
+        for chunk in stream.split(7):  # chunking must not matter
+            r.add(chunk)
+        kept = r.rows[:, 0].long()
+        assert len(kept) == cap and len(set(kept.tolist())) == cap  # no row twice
+        counts[kept] += 1
+    # every position kept with probability cap / n = 0.1: first, middle and last quarters alike
+    quarters = counts.view(4, -1).sum(1) / (trials * n / 4)
+    assert torch.allclose(quarters, torch.full((4,), cap / n), atol=0.01), quarters
+    again = Reservoir(cap, 1, torch.Generator().manual_seed(5))
+    again.add(stream)
+    other = Reservoir(cap, 1, torch.Generator().manual_seed(5))
+    other.add(stream)
+    assert torch.equal(again.rows, other.rows)

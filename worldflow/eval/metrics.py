@@ -134,6 +134,33 @@ class GaussianMoments:
         return frechet_from_moments(self.mean, self.cov, other.mean, other.cov)
 
 
+class Reservoir:
+    """A uniform random sample of at most ``capacity`` rows of a stream (Vitter's Algorithm R), so a
+    statistic can be computed at a fixed sample count from a window of any length in O(capacity · D)
+    memory. Row k of the stream (0-based) replaces a random kept row with probability capacity / (k + 1);
+    every random choice comes from ``generator`` (worldflow.rng), so a seed gives the same sample."""
+
+    def __init__(self, capacity: int, dim: int, generator: torch.Generator | None = None):
+        self.capacity, self.generator, self.n = capacity, generator, 0
+        self.rows = torch.empty(0, dim)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Offer rows x (N, D) in order."""
+        from worldflow import rng
+
+        x = x.detach().to("cpu", torch.float32).reshape(-1, self.rows.shape[1])
+        room = max(0, self.capacity - len(self.rows))
+        self.rows = torch.cat([self.rows, x[:room]])
+        rest = x[room:]
+        if len(rest):
+            k = torch.arange(self.n + room, self.n + len(x), dtype=torch.float64)  # stream positions
+            u = rng.rand((len(rest),), self.generator, dtype=torch.float64)
+            j = (u * (k + 1)).floor().long()  # uniform on {0, ..., k}
+            for i in torch.nonzero(j < self.capacity).flatten().tolist():  # in stream order: later wins
+                self.rows[j[i]] = rest[i]
+        self.n += len(x)
+
+
 def object_match(got: dict, want: dict, lead: int) -> dict:
     """Per object: does each predicted frame have exactly the true object cells?
 

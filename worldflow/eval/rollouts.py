@@ -28,7 +28,10 @@ reference is every frame of half B. **Estimator bias:** a Fréchet estimate from
 upwards by roughly O(D/n), so the floor is matched in sample count: ``frechet_real_floor`` is a map keyed
 by horizon whose value is the distance from n_h frames of half A (random subsets without replacement,
 mean over 4 draws) to the same reference, n_h being the window's generated sample count
-(``frechet_samples``; capped at half A's frame count, where the floor's sample is then smaller). It is
+(``frechet_samples``; capped at half A's frame count, where the floor's sample is then smaller). Where
+the window holds more frames than half A, ``frechet_matched`` is the model's distance from a uniform
+subsample of the window's frames as large as the floor's (a reservoir, constant memory): compare it,
+not ``frechet``, with the floor there (at equal counts the two keys are equal). The floor is
 what a model whose frames were real frames of other episodes would score; note that the evaluated clips
 may start in half-B episodes, which can only flatter the model. With fewer than two held-out episodes the
 reference is every held-out frame and the floor is null.
@@ -37,7 +40,8 @@ JSON keys (a public contract): ``psnr``, ``ssim`` (maps horizon -> mean over cli
 ``baseline_copy_last`` and ``shuffled_actions`` (each {"psnr": map, "ssim": map}; ``shuffled_actions`` is
 null for an action-free run: no actions to shuffle), ``frechet`` (map horizon -> Fréchet distance of the
 window ending there), ``frechet_real_floor`` (map horizon -> the matched real-vs-real floor, or null),
-``frechet_samples`` (map horizon -> generated frames in the window), ``truth_horizon``, ``steps``,
+``frechet_samples`` (map horizon -> generated frames in the window), ``frechet_matched`` (map horizon ->
+the window's distance at the floor's sample count), ``truth_horizon``, ``steps``,
 ``frames_per_second`` (generated and decoded frames per second), optional ``steps_sweep`` (map K -> mean
 PSNR over the requested horizons that have truth), ``lpips`` and ``fvd`` (null: absent unless their
 weights are configured locally), ``context``, ``clips``; ``--tokenizer-only`` writes ``recon_psnr`` and
@@ -74,7 +78,7 @@ from worldflow.data.episodes import load_manifest
 from worldflow.dynamics.model import DynamicsModel
 from worldflow.dynamics.rollout import rollout_stream
 from worldflow.errors import InputError
-from worldflow.eval.metrics import GaussianMoments, ObjectReader, object_match, psnr, ssim
+from worldflow.eval.metrics import GaussianMoments, ObjectReader, Reservoir, object_match, psnr, ssim
 from worldflow.eval.visual import comparison_video, plot_curves, write_media
 from worldflow.io import atomic_write_text
 from worldflow.tokenizer.model import CausalTokenizer
@@ -125,6 +129,7 @@ class Scores:
     ssim: dict[int, float | None]
     objects: dict[str, dict[int, float | None]] | None = None
     moments: dict[int, GaussianMoments] | None = None
+    samples: dict[int, Reservoir] | None = None  # per window, a uniform subsample of its features
     video: torch.Tensor | None = None  # (VIDEO_CLIPS, T, H, W, 3) float [0, 1], T <= VIDEO_FRAMES
     seconds: float = 0.0
     frames: int = 0
@@ -135,6 +140,25 @@ class Scores:
         if self.objects is not None:
             out["objects"] = self.objects
         return out
+
+
+@dataclass(frozen=True)
+class FrechetScores:
+    """Per horizon window (maps keyed by the requested horizon ending it):
+
+    - ``distance``: the Fréchet distance of all the window's generated frames to the reference (``frechet``);
+    - ``floor``: real-vs-real, half A to the reference, at min(window samples, half A's frames) samples
+      (``frechet_real_floor``; None with fewer than 2 held-out episodes);
+    - ``samples``: the window's generated frames (``frechet_samples``);
+    - ``matched``: the distance of a uniform subsample of the window's frames, as many as half A holds
+      (``frechet_matched``): equal to ``distance`` where the window is no larger, and the like-for-like
+      comparison with ``floor`` where it is (the estimate's upward bias depends on the sample count).
+    """
+
+    distance: dict[int, float | None]
+    floor: dict[int, float | None] | None
+    samples: dict[int, int]
+    matched: dict[int, float | None]
 
 
 class RolloutEvaluator:
@@ -205,7 +229,11 @@ class RolloutEvaluator:
         hs = sorted(set(horizons))
         out = Scores({h: None for h in hs}, {h: None for h in hs},
                      objects=None if self.reader is None else {})
-        moments = {h: GaussianMoments(2 * self.tok.cfg.latent_dim) for h in hs} if frechet else None
+        dim = 2 * self.tok.cfg.latent_dim
+        moments = {h: GaussianMoments(dim) for h in hs} if frechet else None
+        # a subsample the size of the floor's real sample: the like-for-like distance (frechet_matched)
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        samples = {h: Reservoir(max(2, self.floor_frames()), dim, gen) for h in hs} if frechet else None
         kept = []
         frames = self.stream(model, steps, shuffle_actions)
         bar = tqdm(range(1, self.horizon + 1), desc=f"rollout K={steps}", disable=not progress, leave=False)
@@ -217,10 +245,12 @@ class RolloutEvaluator:
             if h in out.psnr and h <= self.truth_horizon:
                 self._score_step(out, h, pred, self.truth_at(h))
             if moments is not None and h <= hs[-1]:  # into the window (previous horizon, next horizon]
-                moments[hs[bisect.bisect_left(hs, h)]].add(frame_features(self.tok, pred))
+                feats, window = frame_features(self.tok, pred), hs[bisect.bisect_left(hs, h)]
+                moments[window].add(feats)
+                samples[window].add(feats)
             if h <= video:
                 kept.append(pred[:VIDEO_CLIPS].cpu())
-        out.moments = moments
+        out.moments, out.samples = moments, samples
         if kept:
             out.video = torch.stack(kept, dim=1)
         return out
@@ -258,29 +288,39 @@ class RolloutEvaluator:
             self._real_features = feats
         return self._real_features
 
-    def frechet(self, scores: Scores) -> tuple[dict[int, float | None], dict[int, float | None] | None,
-                                               dict[int, int]]:
-        """(frechet, frechet_real_floor, frechet_samples) maps of a pass scored with ``frechet=True``.
+    def _halves(self) -> tuple[list[int], list[int]]:
+        """Held-out episode positions of half A (the floor's sample) and half B (the reference): alternate
+        episodes in id order; with fewer than two episodes, A is empty and B holds every one."""
+        order = sorted(range(len(self.bank.ids)), key=lambda i: self.bank.ids[i])
+        return (order[0::2], order[1::2]) if len(order) >= 2 else ([], order)
 
-        A window with fewer than 2 generated frames has distance None. See the module docstring for the
-        reference (half B of the held-out episodes) and the sample-matched floor (half A)."""
+    def floor_frames(self) -> int:
+        """Frames in half A: the most real samples a floor value can use."""
+        return int(sum(int(self.bank.lengths[i]) for i in self._halves()[0]))
+
+    def frechet(self, scores: Scores) -> FrechetScores:
+        """The Fréchet maps of a pass scored with ``frechet=True`` (see :class:`FrechetScores` and the
+        module docstring for the reference, half B, and the sample-matched floor, half A). A window with
+        fewer than 2 generated frames has distance None."""
         feats = self.real_features()
-        order = sorted(range(len(feats)), key=lambda i: self.bank.ids[i])
-        split = len(order) >= 2
-        half_a = torch.cat([feats[i] for i in order[0::2]]) if split else None
-        ref = GaussianMoments.of(torch.cat([feats[i] for i in (order[1::2] if split else order)]))
+        a, b = self._halves()
+        half_a = torch.cat([feats[i] for i in a]) if a else None
+        ref = GaussianMoments.of(torch.cat([feats[i] for i in b]))
         gen = torch.Generator().manual_seed(self.seed)
-        dist, floor, samples = {}, ({} if split else None), {}
+        out = FrechetScores({}, {} if a else None, {}, {})
         for h, m in scores.moments.items():
-            samples[h] = m.n
-            dist[h] = m.frechet(ref) if m.n >= 2 and ref.n >= 2 else None
-            if split:
+            out.samples[h] = m.n
+            ok = m.n >= 2 and ref.n >= 2
+            out.distance[h] = m.frechet(ref) if ok else None
+            kept = scores.samples[h].rows if scores.samples is not None else None
+            out.matched[h] = GaussianMoments.of(kept).frechet(ref) if ok and kept is not None else None
+            if a:
                 n = min(m.n, len(half_a))
                 subsets = [rng.randperm(len(half_a), gen)[:n] for _ in range(FLOOR_DRAWS)]
                 draws = [GaussianMoments.of(half_a[i]).frechet(ref) for i in subsets] \
                     if n >= 2 and ref.n >= 2 else []
-                floor[h] = sum(draws) / len(draws) if draws else None
-        return dist, floor, samples
+                out.floor[h] = sum(draws) / len(draws) if draws else None
+        return out
 
     # ----------------------------------------------------------------------------------------- media
 
@@ -361,7 +401,9 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     res: dict[str, Any] = {"steps": steps, "context": context, "clips": ev.clips,
                            "truth_horizon": ev.truth_horizon}
     res.update(main.metrics())
-    res["frechet"], res["frechet_real_floor"], res["frechet_samples"] = ev.frechet(main)
+    fr = ev.frechet(main)
+    res.update(frechet=fr.distance, frechet_real_floor=fr.floor, frechet_samples=fr.samples,
+               frechet_matched=fr.matched)
     res["baseline_copy_last"] = ev.copy_last(horizons).metrics()
     res["shuffled_actions"] = None if is_action_free(model) else \
         ev.score(model, steps, horizons, shuffle_actions=True, progress=progress).metrics()
@@ -410,9 +452,10 @@ def _plots(res: dict[str, Any], out_dir: Path) -> None:
             curves["shuffled actions"] = _known(shuffled[metric])
         plot_curves(out_dir / f"{metric}_vs_horizon.png", curves, "horizon (frames)", metric.upper(),
                     title=f"{metric.upper()} vs horizon")
-    curves = {f"model (K={res['steps']})": _known(res["frechet"])}
+    curves = {f"model (K={res['steps']}), all window frames": _known(res["frechet"])}
     if res.get("frechet_real_floor") is not None:
-        curves["real vs real (floor)"] = _known(res["frechet_real_floor"])
+        curves[f"model (K={res['steps']}), sample-matched"] = _known(res["frechet_matched"])
+        curves["real vs real (floor, sample-matched)"] = _known(res["frechet_real_floor"])
     plot_curves(out_dir / "frechet_vs_horizon.png", curves, "horizon window end (frames)",
                 "Fréchet distance (tokenizer features)", title="Fréchet distance per horizon window")
     if "objects" in res:
