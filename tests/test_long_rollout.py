@@ -225,3 +225,23 @@ def test_eval_with_actions_past_the_truth(tiny_run, tiny_data, tmp_path):
         assert base["psnr"]["40"] is None and math.isfinite(base["psnr"]["1"])
         assert base["objects"]["ball"]["40"] is None
     assert math.isfinite(res["frechet"]["40"]) and res["frechet_samples"] == {"1": 2, "40": 78}
+    assert res["tokenizer_ceiling"]["40"] is None and math.isfinite(res["tokenizer_ceiling"]["1"])
+
+
+def test_tokenizer_ceiling_is_the_true_latents_decoded(tiny_run, tiny_data):
+    """tokenizer_ceiling at h = PSNR of decode(context ++ true future latents) at frame C + h - 1 against
+    the real frame, computed here in one uncached decode call; past the truth it is null."""
+    from worldflow.eval.metrics import psnr
+    from worldflow.eval.rollouts import heldout_rollouts
+
+    _, ev = heldout_rollouts(tiny_run, tiny_data, 2, 40, 3, progress=False)
+    got = ev.ceiling([1, 3, 40]).psnr
+    c, hs = ev.context, [1, 3]
+    z = ev._gather("latents", 0, c + max(hs)).to(ev.device)
+    decoded = ev.tok.decode(z)  # (B, C + H, h, w, 3) in [0, 1], the whole clip at once
+    for h in hs:
+        want = float(psnr(decoded[:, c + h - 1], ev.truth_at(h)).mean())
+        assert abs(got[h] - want) < 1e-3, (h, got[h], want)
+    assert got[40] is None  # held-out episodes end before horizon 40
+    perfect = float(psnr(ev.truth_at(1).float() / 255.0, ev.truth_at(1)).mean())
+    assert got[1] < perfect  # a lossy tokenizer is below the real frame itself

@@ -40,7 +40,9 @@ JSON keys (a public contract): ``psnr``, ``ssim`` (maps horizon -> mean over cli
 ``baseline_copy_last`` and ``shuffled_actions`` (each {"psnr": map, "ssim": map}; ``shuffled_actions`` is
 null for an action-free run: no actions to shuffle), ``frechet`` (map horizon -> Fréchet distance of the
 window ending there), ``frechet_real_floor`` (map horizon -> the matched real-vs-real floor, or null),
-``frechet_samples`` (map horizon -> generated frames in the window), ``frechet_matched`` (map horizon ->
+``tokenizer_ceiling`` (map horizon -> PSNR of the true future latents decoded after the context, null
+past the truth: the best any dynamics model could decode to), ``frechet_samples`` (map horizon ->
+generated frames in the window), ``frechet_matched`` (map horizon ->
 the window's distance at the floor's sample count), ``truth_horizon``, ``steps``,
 ``frames_per_second`` (generated and decoded frames per second), optional ``steps_sweep`` (map K -> mean
 PSNR over the requested horizons that have truth), ``lpips`` and ``fvd`` (null: absent unless their
@@ -264,6 +266,23 @@ class RolloutEvaluator:
             for k, m in match.items():
                 out.objects.setdefault(k, {g: None for g in out.psnr})[h] = float(m.mean())
 
+    @torch.no_grad()
+    def ceiling(self, horizons: Sequence[int]) -> Scores:
+        """The tokenizer's ceiling: the *true* future latents decoded after the context, scored like a
+        rollout at the requested horizons that have truth. No dynamics model can decode to better frames
+        than these (up to sampling luck), so a ceiling below copy-last caps the whole world model below
+        copy-last whatever the dynamics learn."""
+        hs = sorted(set(horizons))
+        out = Scores({h: None for h in hs}, {h: None for h in hs},
+                     objects=None if self.reader is None else {})
+        last = min(max(hs), self.truth_horizon)
+        c = self.context
+        true = (self._gather("latents", c + h - 1, c + h).to(self.device) for h in range(1, last + 1))
+        for h, frame in enumerate(decoded_stream(self.tok, self.context_latents, true), start=1):
+            if h in out.psnr:
+                self._score_step(out, h, frame, self.truth_at(h))
+        return out
+
     def copy_last(self, horizons: Sequence[int]) -> Scores:
         """The copy-last-frame baseline at the requested horizons that have truth."""
         hs = sorted(set(horizons))
@@ -405,6 +424,7 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     res.update(frechet=fr.distance, frechet_real_floor=fr.floor, frechet_samples=fr.samples,
                frechet_matched=fr.matched)
     res["baseline_copy_last"] = ev.copy_last(horizons).metrics()
+    res["tokenizer_ceiling"] = ev.ceiling(horizons).psnr
     res["shuffled_actions"] = None if is_action_free(model) else \
         ev.score(model, steps, horizons, shuffle_actions=True, progress=progress).metrics()
     res["frames_per_second"] = main.frames / max(main.seconds, 1e-9)
@@ -450,6 +470,8 @@ def _plots(res: dict[str, Any], out_dir: Path) -> None:
                   "copy last frame": _known(res["baseline_copy_last"][metric])}
         if shuffled is not None:
             curves["shuffled actions"] = _known(shuffled[metric])
+        if metric == "psnr" and res.get("tokenizer_ceiling") is not None:
+            curves["tokenizer ceiling (true latents)"] = _known(res["tokenizer_ceiling"])
         plot_curves(out_dir / f"{metric}_vs_horizon.png", curves, "horizon (frames)", metric.upper(),
                     title=f"{metric.upper()} vs horizon")
     curves = {f"model (K={res['steps']}), all window frames": _known(res["frechet"])}
