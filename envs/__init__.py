@@ -13,6 +13,9 @@ CATCH_ID = "worldflow/Catch-v0"
 # Re-importing (reloads, several test modules) must not re-register: gymnasium warns on overrides.
 if CATCH_ID not in gymnasium.registry:
     gymnasium.register(id=CATCH_ID, entry_point="worldflow.envs.catch:CatchEnv", max_episode_steps=1000)
+# Crafter needs its extra; the entry point is a string, so nothing is imported until the env is built.
+if "worldflow/Crafter-v0" not in gymnasium.registry:
+    gymnasium.register(id="worldflow/Crafter-v0", entry_point="worldflow.envs.crafter:CrafterEnv")
 # The trained world model as an env (worldflow.gym_env.env registers the same spec); strings keep torch
 # unimported.
 if "worldflow/WorldModel-v0" not in gymnasium.registry:

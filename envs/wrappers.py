@@ -212,6 +212,7 @@ _FAMILIES = {
     "ALE/": ("ale_py", "atari"),
     "MiniGrid-": ("minigrid", "minigrid"),
     "BabyAI-": ("minigrid", "minigrid"),
+    "worldflow/Crafter": ("crafter", "crafter"),
 }
 _CLASSIC_ENTRY = "gymnasium.envs.classic_control"
 

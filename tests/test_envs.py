@@ -352,3 +352,19 @@ def test_import_worldflow_registers_the_envs_in_a_fresh_interpreter():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     no_import = "import gymnasium as gym; gym.make('worldflow.envs:worldflow/Catch-v0')"
     subprocess.run([sys.executable, "-c", no_import], check=True, timeout=120)
+
+
+def test_crafter_adapter_passes_the_env_checker_and_reseeds():
+    """worldflow/Crafter-v0 (needs the crafter extra): gymnasium's API, seeded worlds, pixel frames."""
+    pytest.importorskip("crafter")
+    from gymnasium.utils.env_checker import check_env
+    from worldflow.envs import make_env
+    from worldflow.envs.crafter import CrafterEnv
+
+    check_env(CrafterEnv(size=32), skip_render_check=True)
+    env = make_env("worldflow/Crafter-v0", size=32)
+    a, _ = env.reset(seed=7)
+    b, _ = env.reset(seed=7)
+    c, _ = env.reset(seed=8)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)

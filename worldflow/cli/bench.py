@@ -27,6 +27,7 @@ import gymnasium as gym
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from worldflow.cli.suite import SUITE
 from worldflow.config import Config, load_config
 
 
@@ -312,8 +313,10 @@ def markdown(res: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     from worldflow.io import atomic_write_text
 
+    if args.suite is not None:
+        return suite_main(args)
     res = run_all(args.presets.split(","), args.run, quick=args.quick)
-    out = Path(args.out)
+    out = Path(args.out or "benchmarks/results.json")
     atomic_write_text(out, json.dumps(res, indent=2))
     md = markdown(res)
     atomic_write_text(out.with_suffix(".md"), md)
@@ -326,5 +329,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", default="tiny,small,base", help="comma-separated presets")
     p.add_argument("--run", default=None, help="a trained run for the WorldModelVectorEnv benchmark")
     p.add_argument("--quick", action="store_true", help="short timings (smoke run)")
-    p.add_argument("--out", default="benchmarks/results.json", help="JSON (a .md is written beside)")
+    p.add_argument("--out", default=None,
+                   help="JSON (a .md is written beside); default benchmarks/results.json, with --suite "
+                        "benchmarks/suite.json")
+    p.add_argument("--suite", nargs="?", const=",".join(m.name for m in SUITE), default=None,
+                   metavar="MEMBERS", help="run collect -> tokenizer -> dynamics -> eval on the env suite "
+                                           f"(default all: {','.join(m.name for m in SUITE)})")
+    p.add_argument("--config", default="small", help="preset of the suite runs (default small)")
+    p.add_argument("--videos", default=None, help="a folder of videos for the suite's 'video' member")
+    p.add_argument("--suite-dir", default="runs/suite", help="where the suite's datasets and runs go")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="config overrides of the suite runs")
     p.set_defaults(func=main)
+
+
+def suite_main(args: argparse.Namespace) -> int:
+    from worldflow.cli.suite import markdown as suite_markdown
+    from worldflow.cli.suite import run_suite
+    from worldflow.io import atomic_write_text
+
+    res = run_suite([n for n in args.suite.split(",") if n], args.config, list(args.overrides),
+                    Path(args.suite_dir), Path(args.videos) if args.videos else None,
+                    progress=not args.no_progress)
+    out = Path(args.out or "benchmarks/suite.json")
+    atomic_write_text(out, json.dumps(res, indent=2))
+    md = suite_markdown(res)
+    atomic_write_text(out.with_suffix(".md"), md)
+    print(md)
+    return 0
