@@ -30,7 +30,8 @@ def test_suite_runs_catch_and_imported_video_and_names_what_it_skips(tmp_path, m
     for name in ("catch", "video"):
         r = rows[name]
         assert "error" not in r, r
-        for key in ("model_psnr", "copy_last_psnr", "ceiling_psnr", "ceiling_h1", "copy_last_h1", "frechet_last"):
+        for key in ("model_psnr", "copy_last_psnr", "ceiling_psnr", "ceiling_h1", "copy_last_h1",
+                    "frechet_last"):
             assert math.isfinite(r[key]), (name, key, r[key])
     assert math.isfinite(rows["catch"]["shuffled_psnr"]) and rows["video"]["shuffled_psnr"] is None
     assert set(rows["catch"]["objects"]) >= {"ball"}
