@@ -238,6 +238,14 @@ def _register_family(env_id: str) -> None:
 
 
 def _check_known(env_id: str) -> gymnasium.envs.registration.EnvSpec:
+    if ":" in env_id:  # "my_pkg.envs:MyEnv-v0": import the module that registers it, as gymnasium.make does
+        module = env_id.split(":", 1)[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise InputError(f"environment id {env_id!r}: cannot import its module {module!r} ({e}); is it "
+                             f"installed, or on PYTHONPATH?") from None
+        env_id = env_id.split(":", 1)[1]
     try:
         spec = gymnasium.spec(env_id)
     except gymnasium.error.Error as e:

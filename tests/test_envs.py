@@ -368,3 +368,34 @@ def test_crafter_adapter_passes_the_env_checker_and_reseeds():
     c, _ = env.reset(seed=8)
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_a_module_qualified_id_imports_the_users_module(tmp_path, monkeypatch):
+    """`--env my_pkg:MyEnv-v0` imports my_pkg (which registers MyEnv-v0) first, as gymnasium.make does;
+    a state-vector env is rendered to pixels."""
+    from worldflow.envs import make_env
+
+    from worldflow.errors import InputError
+
+    (tmp_path / "wf_user_envs.py").write_text(
+        "import gymnasium, numpy as np\n"
+        "class Blink(gymnasium.Env):\n"
+        "    metadata = {'render_modes': ['rgb_array']}\n"
+        "    def __init__(self, render_mode=None):\n"
+        "        self.render_mode = render_mode\n"
+        "        self.observation_space = gymnasium.spaces.Box(-1, 1, (2,), np.float32)\n"
+        "        self.action_space = gymnasium.spaces.Discrete(2)\n"
+        "    def reset(self, *, seed=None, options=None):\n"
+        "        super().reset(seed=seed); return np.zeros(2, np.float32), {}\n"
+        "    def step(self, a):\n"
+        "        return np.zeros(2, np.float32), 1.0, False, True, {}\n"
+        "    def render(self):\n"
+        "        return np.full((12, 20, 3), 200, np.uint8)\n"
+        "if 'WfBlink-v0' not in gymnasium.registry:\n"
+        "    gymnasium.register('WfBlink-v0', entry_point='wf_user_envs:Blink')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = make_env("wf_user_envs:WfBlink-v0", size=8)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (8, 8, 3) and obs.dtype == np.uint8 and int(obs[0, 0, 0]) == 200
+    with pytest.raises(InputError, match="cannot import its module 'no_such_pkg_xyz'"):
+        make_env("no_such_pkg_xyz:Thing-v0")
