@@ -245,3 +245,20 @@ def test_tokenizer_ceiling_is_the_true_latents_decoded(tiny_run, tiny_data):
     assert got[40] is None  # held-out episodes end before horizon 40
     perfect = float(psnr(ev.truth_at(1).float() / 255.0, ev.truth_at(1)).mean())
     assert got[1] < perfect  # a lossy tokenizer is below the real frame itself
+
+
+def test_truth_window_keeps_half_the_episodes_eligible():
+    """Scoring windows as long as the longest episode left one episode (random CartPole: 10-94 frames),
+    and all 32 clips were the same clip, so shuffled actions scored exactly like the true ones."""
+    import torch
+
+    from worldflow.data.clips import fixed_windows
+    from worldflow.eval.rollouts import truth_window
+
+    lengths = torch.tensor([94, 12, 30, 10, 41, 25, 18])
+    w = truth_window(lengths, context=8)
+    assert w == 25 and int((lengths >= w).sum()) >= 4  # the 4th longest of 7
+    eps, _ = fixed_windows(lengths, 32, w)
+    assert len(set(eps)) == 4
+    assert truth_window(torch.tensor([5, 6]), context=8) == 6  # never longer than the longest episode
+    assert truth_window(torch.tensor([40, 3, 3]), context=8) == 9  # at least one predicted frame

@@ -7,11 +7,12 @@ Baselines: repeating the last context frame, and the same rollout with actions s
 bounded KV cache and the tokenizer's streaming decode cache: per horizon step only that frame's scores
 and features are accumulated, so memory does not grow with H (horizons of 1000 frames and more).
 
-**Past the truth.** A clip is a window of min(C + H, longest held-out episode) frames; its true actions
-are used as far as the window goes, later frames get masked actions (the unlabeled path), so any horizon
-can be rolled out. PSNR, SSIM and object accuracy need the real frame, so for horizons beyond the window
-(``truth_horizon`` = window − C; e.g. action-free video whose episodes end) they are null, while the
-Fréchet distance, which needs no frame-by-frame truth, is still reported.
+**Past the truth.** A clip is a window of min(C + H, W) frames, W the longest that at least half the
+held-out episodes hold (``truth_window``: longer windows would leave only the longest episode to score);
+its true actions are used as far as the window goes, later frames get masked actions (the unlabeled
+path), so any horizon can be rolled out. PSNR, SSIM and object accuracy need the real frame, so for
+horizons beyond the window (``truth_horizon`` = window − C; e.g. action-free video whose episodes end)
+they are null, while the Fréchet distance, which needs no frame-by-frame truth, is still reported.
 
 **Fréchet distance** (Heusel et al. 2017; :func:`worldflow.eval.metrics.frechet_distance`). Features of a
 frame: the run's own tokenizer encoder applied to that frame alone (a one-frame clip, as every training
@@ -144,6 +145,15 @@ class Scores:
         return out
 
 
+def truth_window(lengths: torch.Tensor, context: int) -> int:
+    """The longest clip window (frames) that at least half of the held-out episodes hold (and never
+    shorter than ``context`` + 1 where one episode allows it). Windows of the longest episode's length
+    would leave only that episode eligible, and every scored clip would be the same clip."""
+    ranked = sorted((int(n) for n in lengths), reverse=True)
+    half = ranked[(len(ranked) - 1) // 2]  # the length at least ceil(E / 2) episodes reach
+    return max(half, min(context + 1, ranked[0]))
+
+
 @dataclass(frozen=True)
 class FrechetScores:
     """Per horizon window (maps keyed by the requested horizon ending it):
@@ -167,7 +177,7 @@ class RolloutEvaluator:
     """Scores open-loop rollouts on a fixed set of held-out clips (same clips at every call).
 
     ``bank``: held-out episodes with ``latents`` and ``frames`` (see :func:`with_frames`). Clips are
-    windows of min(context + horizon, longest episode) frames; see the module docstring for horizons past
+    windows of min(context + horizon, :func:`truth_window`) frames; see the module docstring for horizons past
     them. Nothing of size horizon × frame is held: frames are fetched from the bank one step at a time.
     """
 
@@ -176,7 +186,7 @@ class RolloutEvaluator:
                  reader: ObjectReader | None = None):
         self.tok, self.cfg, self.device, self.reader = tok, cfg, device, reader
         self.bank, self.context, self.horizon, self.seed = bank, context, horizon, seed
-        self.window = min(context + horizon, int(bank.lengths.max()))
+        self.window = min(context + horizon, truth_window(bank.lengths, context))
         self.truth_horizon = self.window - context  # horizons 1..truth_horizon have a real frame
         self.eps, self.starts = fixed_windows(bank.lengths, clips, self.window)
         self.context_latents = self._gather("latents", 0, context).to(device)  # (B, C, N, D)
