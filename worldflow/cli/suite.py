@@ -62,7 +62,6 @@ def run_member(m: Member, cfg: Config, root: Path, videos: Path | None, progress
     """collect (or import) -> train tokenizer -> train dynamics -> eval for one member; its row."""
     from worldflow.data.collect import collect
     from worldflow.data.importing import import_videos
-    from worldflow.eval.rollouts import evaluate_dynamics
     from worldflow.train import dynamics as train_dynamics
     from worldflow.train import tokenizer as train_tokenizer
 
@@ -89,26 +88,33 @@ def run_member(m: Member, cfg: Config, root: Path, videos: Path | None, progress
     row["dynamics_min"] = _minutes(t0)
     row["precision"] = {"tokenizer": tok["precision"], "dynamics": dyn["precision"]}
     t0 = time.time()
+    row.update(eval_row(cfg, run, data, root / m.name, progress))
+    row["eval_min"] = _minutes(t0)
+    return row
+
+
+def eval_row(cfg: Config, run: Path, data: Path, out: Path, progress: bool = False) -> dict[str, Any]:
+    """``worldflow eval`` of a trained member (horizons 1..16 and 100), saved as ``out/eval.json``, and
+    the suite's numbers from it."""
+    from worldflow.eval.rollouts import evaluate_dynamics
+
     context = min(8, cfg.dynamics.context)  # the demo's context, or less for a model trained on less
     ev = evaluate_dynamics(run, data, context, HORIZONS + [100], cfg.dynamics.steps, None, 32,
-                           root / m.name / "eval_media", progress=progress)
-    row["eval_min"] = _minutes(t0)
-    (root / m.name / "eval.json").write_text(json.dumps(ev, indent=2))
+                           out / "eval_media", progress=progress)
+    (out / "eval.json").write_text(json.dumps(ev, indent=2))
     psnr = {h: v for h, v in ev["psnr"].items() if h in HORIZONS}
-    row.update(
+    shuffled = (ev.get("shuffled_actions") or {}).get("psnr")
+    return dict(
         model_psnr=_mean(psnr),
         copy_last_psnr=_mean({h: ev["baseline_copy_last"]["psnr"][h] for h in psnr}),
-        shuffled_psnr=_mean({h: ev["shuffled_actions"]["psnr"][h] for h in psnr})
-        if ev.get("shuffled_actions") else None,
+        shuffled_psnr=_mean({h: shuffled[h] for h in psnr}) if shuffled else None,
         ceiling_psnr=_mean({h: ev["tokenizer_ceiling"][h] for h in psnr}),
-        model_psnr_h8=ev["psnr"].get(8), shuffled_psnr_h8=(ev.get("shuffled_actions") or {}).get(
-            "psnr", {}).get(8),
+        model_psnr_h8=ev["psnr"].get(8), shuffled_psnr_h8=shuffled.get(8) if shuffled else None,
         ceiling_h1=ev["tokenizer_ceiling"].get(1), copy_last_h1=ev["baseline_copy_last"]["psnr"].get(1),
         frechet_last=ev["frechet_matched"].get(100),
         frechet_floor_last=(ev.get("frechet_real_floor") or {}).get(100),
         objects={k: _mean({h: v[h] for h in psnr}) for k, v in ev.get("objects", {}).items()} or None,
         truth_horizon=ev["truth_horizon"])
-    return row
 
 
 def run_suite(names: list[str], preset: str, overrides: list[str], root: Path, videos: Path | None,
