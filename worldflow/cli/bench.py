@@ -27,7 +27,6 @@ import gymnasium as gym
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from worldflow.cli.suite import SUITE
 from worldflow.config import Config, load_config
 
 
@@ -332,9 +331,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None,
                    help="JSON (a .md is written beside); default benchmarks/results.json, with --suite "
                         "benchmarks/suite.json")
-    p.add_argument("--suite", nargs="?", const=",".join(m.name for m in SUITE), default=None,
-                   metavar="MEMBERS", help="run collect -> tokenizer -> dynamics -> eval on the env suite "
-                                           f"(default all: {','.join(m.name for m in SUITE)})")
+    p.add_argument("--suite", nargs="?", const="all", default=None, metavar="MEMBERS",
+                   help="run collect -> tokenizer -> dynamics -> eval on the env suite: comma-separated "
+                        "members of catch,cartpole,pong,minigrid,crafter,video (default all)")
     p.add_argument("--config", default="small", help="preset of the suite runs (default small)")
     p.add_argument("--videos", default=None, help="a folder of videos for the suite's 'video' member")
     p.add_argument("--suite-dir", default="runs/suite", help="where the suite's datasets and runs go")
@@ -345,13 +344,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def suite_main(args: argparse.Namespace) -> int:
+    from worldflow.cli.suite import SUITE, run_suite
     from worldflow.cli.suite import markdown as suite_markdown
-    from worldflow.cli.suite import run_suite
     from worldflow.io import atomic_write_text
 
-    res = run_suite([n for n in args.suite.split(",") if n], args.config, list(args.overrides),
-                    Path(args.suite_dir), Path(args.videos) if args.videos else None,
-                    progress=not args.no_progress)
+    names = [m.name for m in SUITE] if args.suite == "all" else [n for n in args.suite.split(",") if n]
+    res = run_suite(names, args.config, list(args.overrides), Path(args.suite_dir),
+                    Path(args.videos) if args.videos else None, progress=not args.no_progress)
+    res = {"machine": machine(), **res}
     out = Path(args.out or "benchmarks/suite.json")
     atomic_write_text(out, json.dumps(res, indent=2))
     md = suite_markdown(res)

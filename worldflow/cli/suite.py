@@ -119,9 +119,8 @@ def eval_row(cfg: Config, run: Path, data: Path, out: Path, progress: bool = Fal
 
 def run_suite(names: list[str], preset: str, overrides: list[str], root: Path, videos: Path | None,
               progress: bool = True) -> dict[str, Any]:
-    """Every named member in turn; a member that fails keeps its error in its row and the suite goes on."""
-    from worldflow.cli.bench import machine
-
+    """Every named member in turn; a member that fails keeps its error in its row and the suite goes on.
+    The caller adds ``machine`` (worldflow.cli.bench.machine) before :func:`markdown`."""
     unknown = [n for n in names if n not in MEMBERS]
     if unknown:
         raise InputError(f"unknown suite member(s) {unknown}: choose from {', '.join(MEMBERS)}")
@@ -133,7 +132,7 @@ def run_suite(names: list[str], preset: str, overrides: list[str], root: Path, v
         except Exception as e:  # one member's failure is a result to report, not the end of the suite
             rows.append({"member": name, "error": f"{type(e).__name__}: {e}"})
         print(markdown_row(rows[-1]), flush=True)
-    return {"machine": machine(), "preset": preset, "overrides": overrides, "rows": rows}
+    return {"preset": preset, "overrides": overrides, "rows": rows}
 
 
 def _f(v: Any, fmt: str = "{:.2f}") -> str:
