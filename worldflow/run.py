@@ -133,11 +133,10 @@ def action_space_of(data) -> gym.Space | None:
     """The action space recorded in a dataset's manifest (None: action-free); for several datasets, the
     one their labelled members share (worldflow.data.mixture.mixture_space checks they do)."""
     from worldflow.data.episodes import load_manifest
-    from worldflow.data.mixture import as_roots
+    from worldflow.data.mixture import as_roots, labelled_space
     from worldflow.data.spaces import space_from_dict
 
-    spaces = [load_manifest(r)["action_space"] for r in as_roots(data)]
-    return space_from_dict(next((s for s in spaces if s is not None), None))
+    return space_from_dict(labelled_space([load_manifest(r)["action_space"] for r in as_roots(data)]))
 
 
 def load_dynamics(run: str | Path, action_space: gym.Space, device: torch.device | str = "cpu"

@@ -310,14 +310,17 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from worldflow.io import atomic_write_text
-
     if args.suite is not None:
         return suite_main(args)
     res = run_all(args.presets.split(","), args.run, quick=args.quick)
-    out = Path(args.out or "benchmarks/results.json")
+    return _write(Path(args.out or "benchmarks/results.json"), res, markdown(res))
+
+
+def _write(out: Path, res: dict[str, Any], md: str) -> int:
+    """Results as JSON at ``out`` and Markdown beside it (``.md``), both atomically; prints the Markdown."""
+    from worldflow.io import atomic_write_text
+
     atomic_write_text(out, json.dumps(res, indent=2))
-    md = markdown(res)
     atomic_write_text(out.with_suffix(".md"), md)
     print(md)
     return 0
@@ -346,15 +349,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def suite_main(args: argparse.Namespace) -> int:
     from worldflow.cli.suite import SUITE, run_suite
     from worldflow.cli.suite import markdown as suite_markdown
-    from worldflow.io import atomic_write_text
 
     names = [m.name for m in SUITE] if args.suite == "all" else [n for n in args.suite.split(",") if n]
     res = run_suite(names, args.config, list(args.overrides), Path(args.suite_dir),
                     Path(args.videos) if args.videos else None, progress=not args.no_progress)
     res = {"machine": machine(), **res}
-    out = Path(args.out or "benchmarks/suite.json")
-    atomic_write_text(out, json.dumps(res, indent=2))
-    md = suite_markdown(res)
-    atomic_write_text(out.with_suffix(".md"), md)
-    print(md)
-    return 0
+    return _write(Path(args.out or "benchmarks/suite.json"), res, suite_markdown(res))

@@ -32,7 +32,7 @@ from worldflow.data.episodes import load_manifest
 from worldflow.data.spaces import action_shape
 from worldflow.errors import DataMismatchError, InputError
 
-__all__ = ["as_roots", "mixture_space", "MixedClips", "mix", "load_mixture"]
+__all__ = ["as_roots", "labelled_space", "mixture_space", "MixedClips", "mix", "load_mixture"]
 
 Part = ClipBank | DiskClips
 
@@ -43,6 +43,12 @@ def as_roots(data: str | Path | Sequence[str | Path]) -> list[Path]:
     if not roots:
         raise InputError("no dataset given: pass --data DIR (more than once to train on several)")
     return list(dict.fromkeys(roots))
+
+
+def labelled_space(spaces: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The action space of the first labelled dataset among manifest ``action_space`` values (None if
+    every one is action-free); :func:`mixture_space` checks that the labelled ones agree."""
+    return next((s for s in spaces if s is not None), None)
 
 
 def mixture_space(roots: Sequence[Path], cfg: Config) -> dict[str, Any] | None:
@@ -73,7 +79,7 @@ def mixture_space(roots: Sequence[Path], cfg: Config) -> dict[str, Any] | None:
                                 f"one weight per --data, in order (or data.mix=[] to weigh them by size)")
     if mix and (min(mix) < 0 or sum(mix) <= 0):
         raise DataMismatchError(f"data.mix={list(mix)}: weights must be >= 0 with a positive sum")
-    return labelled[0][1] if labelled else None
+    return labelled_space([s for _, s in labelled])
 
 
 def _null_actions(space: dict[str, Any], rows: int, length: int) -> torch.Tensor:
@@ -169,7 +175,7 @@ def mix(parts: Sequence[Part], roots: Sequence[Path], data: DataConfig) -> Part 
     if len(parts) == 1:
         return parts[0]
     spaces = [load_manifest(r)["action_space"] for r in roots]
-    return MixedClips(parts, data.mix, [s is not None for s in spaces], next((s for s in spaces if s), None))
+    return MixedClips(parts, data.mix, [s is not None for s in spaces], labelled_space(spaces))
 
 
 def load_mixture(data, cfg: DataConfig, split: str = "train", progress: bool = True) -> Part | MixedClips:
