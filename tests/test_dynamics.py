@@ -169,6 +169,32 @@ def test_cached_rollout_equals_full_recompute(steps, context_noise):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)  # inside and beyond the window
 
 
+@pytest.mark.parametrize("context_noise", [True, False])
+def test_deferred_commit_equals_plain_stream(context_noise):
+    """imagine(defer_commit=True) runs each frame's commit pass inside the next call: the same frames,
+    the same random draws and, after flush(), the same cache and agent outputs as the plain path."""
+    m = tiny_model(context_noise=context_noise)
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, 2, N, D, generator=g)
+    acts = torch.randint(0, 3, (2, 8), generator=g)
+    runs = []
+    with torch.no_grad():
+        for defer in (False, True):
+            s = RolloutStream(m, 2, generator=torch.Generator().manual_seed(3))
+            s.observe(ctx, *shift_actions(acts[:, :2], None))
+            out = [s.imagine(2, acts[:, t - 1 : t], defer_commit=defer) for t in range(2, 8)]
+            agent = s.flush() if defer else out[-1][1]  # the last frame's commit-pass agent outputs
+            runs.append((torch.cat([z for z, _ in out], 1), s, agent))
+    (z_a, s_a, agent_a), (z_b, s_b, agent_b) = runs
+    torch.testing.assert_close(z_a, z_b, rtol=1e-5, atol=1e-5)
+    assert s_b.pending is None and s_b.t == s_a.t == 8 and s_b.flush() is None
+    assert s_a.generator.initial_seed() == 3 and torch.equal(  # the same number of draws were made
+        torch.randn(1, generator=s_a.generator), torch.randn(1, generator=s_b.generator))
+    torch.testing.assert_close(agent_a, agent_b, rtol=1e-5, atol=1e-5)
+    for ka, kb in zip(s_a.cache.k, s_b.cache.k):
+        torch.testing.assert_close(ka[:, :, : s_a.cache.length], kb[:, :, : s_b.cache.length])
+
+
 def test_rollout_matches_manual_sampling():
     """The first generated frame equals K x-space Euler steps on the model with the context prepended."""
     m = tiny_model()

@@ -154,14 +154,23 @@ def test_window_receptive_field_of_stack():
     assert changed == [t <= reach for t in range(n)]
 
 
+@pytest.mark.parametrize("grad", [True, False])  # with grad: cache concatenated; without: the working slot
 @pytest.mark.parametrize("softcap", [0.0, 50.0])
 @pytest.mark.parametrize("length", [3, 4, 12])  # < window, = window, 3x window
-def test_streaming_with_cache_equals_full(length, softcap):
+def test_streaming_with_cache_equals_full(length, softcap, grad):
     w = 4
     net = make(softcap=softcap)
     x = torch.randn(2, length, 5, 32)
     mask = torch.ones(5, 5, dtype=torch.bool)
     mask[:4, 4] = False  # token 4 one-way, as the dynamics agent token
+    torch.set_grad_enabled(grad)
+    try:
+        _streaming_checks(net, x, mask, w, length)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _streaming_checks(net, x, mask, w, length):
     full = net(x, spatial_mask=mask, window=w)
     cache = net.new_cache(2, w)
     steps = [net(x[:, t : t + 1], spatial_mask=mask, cache=cache) for t in range(length)]
@@ -173,6 +182,28 @@ def test_streaming_with_cache_equals_full(length, softcap):
     assert torch.allclose(torch.cat(chunks, 1), full, atol=ATOL)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_commit_first_n_frames_equals_commit_then_denoise(grad):
+    """commit=1 on two frames: the first is committed and the second attends to it, not kept — the
+    same as committing the first alone and then running the second with commit=False."""
+    net = make()
+    x = torch.randn(2, 7, 5, 32)
+    with torch.set_grad_enabled(grad):
+        caches = [net.new_cache(2, 3), net.new_cache(2, 3)]
+        for c in caches:
+            for t in range(4):  # fill past the window, so the commit drops the oldest frame
+                net(x[:, t : t + 1], cache=c)
+        fused = net(x[:, 4:6], cache=caches[0], commit=1)
+        net(x[:, 4:5], cache=caches[1])
+        alone = net(x[:, 5:6], cache=caches[1], commit=False)
+        assert torch.allclose(fused[:, 1:], alone, atol=ATOL)
+        assert (caches[0].length, caches[0].next_t) == (caches[1].length, caches[1].next_t) == (2, 5)
+        after = [net(x[:, 5:6], cache=c) for c in caches]  # the caches hold the same frames
+        assert torch.allclose(after[0], after[1], atol=ATOL)
+        with pytest.raises(ValueError, match="commit=3"):
+            net(x[:, 4:6], cache=caches[0], commit=3)
+
+
 def test_cache_is_bounded_and_preallocated():
     net = make()
     cache = net.new_cache(1, 3)
@@ -181,7 +212,7 @@ def test_cache_is_bounded_and_preallocated():
     for _ in range(10):
         net(torch.randn(1, 1, 5, 32), cache=cache)
     assert [t.data_ptr() for t in cache.k + cache.v] == ptrs and cache.nbytes() == nbytes
-    assert all(t.shape[2] == 2 for t in cache.k)
+    assert all(t.shape[2] == 2 + 1 for t in cache.k)  # window - 1 cached frames + the working slot
 
 
 def test_commit_false_leaves_cache_unchanged():

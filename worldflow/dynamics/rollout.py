@@ -47,6 +47,8 @@ class RolloutStream:
         self.d_ctx = 1.0 / cfg.k_max
         self.cache = model.new_cache(batch) if use_cache else None
         self.history: list[tuple[Tensor, Tensor, Tensor, Actions, Tensor | None]] = []
+        # a generated frame whose commit pass is deferred into the next call (``imagine(defer_commit=True)``)
+        self.pending: tuple[Tensor, Tensor, Tensor, Actions, Tensor | None] | None = None
         self.t = 0  # absolute index of the next frame
 
     @property
@@ -61,7 +63,24 @@ class RolloutStream:
         return torch.full((self.batch, frames), value, device=self.device)
 
     def _run(self, z: Tensor, tau: Tensor, d: Tensor, acts: Actions, mask: Tensor | None, commit: bool):
-        """Model outputs (x̂, agent) for the new frames z (B, T', N, D) after everything committed so far."""
+        """Model outputs (x̂, agent) for the new frames z (B, T', N, D) after everything committed so far.
+
+        A pending frame (a deferred commit pass) rides along in front of the new frames: one call
+        instead of two, committing it (and the new frames if ``commit``); the new frames attend to it
+        exactly as they would after a separate commit pass.
+        """
+        if self.pending is not None and (self.pending[3] is None) != (acts is None):
+            self.flush()  # cannot share a call (one labelled, one not): commit it on its own
+        if self.cache is not None and self.pending is not None:
+            p, n = self.pending, z.shape[1]
+            self.pending = None
+            cat = lambda a, b: torch.cat((a, b), dim=1)
+            labelled = acts is not None
+            both = (cat(p[0], z), cat(p[1], tau), cat(p[2], d),
+                    cat_actions([p[3], acts]) if labelled else None, cat(p[4], mask) if labelled else None)
+            x, agent = self.model(*both, self.task, self.cache, self.t, True if commit else 1)
+            self.t += 1
+            return x[:, -n:], agent[:, -n:]
         if self.cache is not None:
             return self.model(z, tau, d, acts, mask, self.task, self.cache, self.t, commit)
         new = (z, tau, d, acts, mask)
@@ -80,20 +99,39 @@ class RolloutStream:
 
         Returns the agent-token outputs (B, T', A, width) of the committed frames.
         """
+        latents, tau, d, actions, action_mask = self._context_inputs(latents, actions, action_mask)
+        _, agent = self._run(latents, tau, d, actions, action_mask, commit=True)
+        self.t += latents.shape[1]
+        return agent
+
+    def _context_inputs(self, latents: Tensor, actions: Actions, action_mask: Tensor | None):
+        """The inputs of a commit pass: latents corrupted to τ_ctx (fresh noise), labels (τ_ctx, d_min)."""
         n = latents.shape[1]
         tau = self._per_frame(self.tau_ctx, n)
         if self.noisy:
             latents = flow.corrupt(latents, self.noise(latents.shape, latents.dtype), tau)
         if actions is not None and action_mask is None:
             action_mask = torch.ones(self.batch, n, dtype=torch.bool, device=self.device)
-        _, agent = self._run(latents, tau, self._per_frame(self.d_ctx, n), actions, action_mask, commit=True)
-        self.t += n
+        return latents, tau, self._per_frame(self.d_ctx, n), actions, action_mask
+
+    def flush(self) -> Tensor | None:
+        """Run a deferred commit pass now; returns its agent-token outputs (B, 1, A, width), or None if
+        nothing was pending."""
+        if self.pending is None:
+            return None
+        p, self.pending = self.pending, None
+        _, agent = self._run(*p, commit=True)
+        self.t += 1
         return agent
 
-    def imagine(self, steps: int, actions: Actions = None, action_mask: Tensor | None = None):
+    def imagine(self, steps: int, actions: Actions = None, action_mask: Tensor | None = None,
+                defer_commit: bool = False):
         """Generate and commit the next frame; actions frame-aligned (B, 1, ...) (the action leading to it).
 
         Returns (latents (B, 1, N, D), agent-token outputs (B, 1, A, width) of its commit pass).
+        ``defer_commit``: the commit pass runs inside the next call (the next frame's first denoising
+        pass, or :meth:`observe` / :meth:`flush`), saving one model call per frame; the agent outputs are
+        then not computed here (None). The random draws and the results are those of the plain path.
         """
         m = self.model
         shape = (self.batch, 1, m.latent_tokens, m.latent_dim)
@@ -105,6 +143,9 @@ class RolloutStream:
 
         fn = flow.as_x_prediction(fn, flow.prediction_of(m.cfg.objective))
         z = flow.denoise(fn, self.noise(shape), steps, m.cfg.k_max)
+        if defer_commit and self.cache is not None:
+            self.pending = self._context_inputs(z, actions, action_mask)  # noise drawn now, as observe would
+            return z, None
         return z, self.observe(z, actions, action_mask)
 
 
@@ -177,7 +218,9 @@ def _stream(model: DynamicsModel, context_latents: Tensor, actions: Actions, act
     h = 0
     while horizon is None or h < horizon:
         t = c + h
-        z, _ = stream.imagine(steps, *action_window(actions, action_mask, t - 1, t))
+        # open loop: nothing reads a frame's agent outputs, so its commit pass rides with the next frame's
+        # first denoising pass (K calls per frame instead of K + 1)
+        z, _ = stream.imagine(steps, *action_window(actions, action_mask, t - 1, t), defer_commit=True)
         yield z
         h += 1
 

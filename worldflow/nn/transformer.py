@@ -24,8 +24,10 @@ class KVCache:
     """Keys/values of the last ``window - 1`` committed frames for every temporal layer.
 
     Buffers are allocated once, at the first forward that uses the cache, with shape
-    (batch * tokens, kv_heads, window - 1, head_dim) per temporal layer; they never grow, so memory is
-    constant however long a rollout runs. Keys are stored already rotated (RoPE with their absolute
+    (batch * tokens, kv_heads, window, head_dim) per temporal layer: ``window - 1`` committed frames plus
+    one working slot, where a single new frame's keys/values are written so attention reads one view of
+    the buffer instead of concatenating the whole cache on every denoising pass. They never grow, so
+    memory is constant however long a rollout runs. Keys are stored already rotated (RoPE with their absolute
     frame index), so a cached frame never needs recomputation. Cached values are detached: the cache is
     an inference device, gradients never flow into earlier committed frames.
 
@@ -55,7 +57,7 @@ class KVCache:
 
     def _ensure(self, tokens: int, like: Tensor) -> None:
         if self.tokens is None:
-            shape = (self.batch * tokens, self.kv_heads, self.capacity, self.head_dim)
+            shape = (self.batch * tokens, self.kv_heads, self.capacity + 1, self.head_dim)  # + working slot
             self.k = [like.new_zeros(shape) for _ in range(self.layers)]
             self.v = [like.new_zeros(shape) for _ in range(self.layers)]
             self.tokens = tokens
@@ -70,12 +72,36 @@ class KVCache:
         """Cached (k, v) of one temporal layer, each (batch * tokens, Hkv, length, hd)."""
         return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
 
-    def write(self, layer: int, k_all: Tensor, v_all: Tensor) -> None:
-        """Store the newest ``capacity`` frames of (cached + new) keys/values of one layer."""
-        keep = min(k_all.shape[2], self.capacity)
-        if keep:
-            self.k[layer][:, :, :keep].copy_(k_all[:, :, -keep:].detach())
-            self.v[layer][:, :, :keep].copy_(v_all[:, :, -keep:].detach())
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Cached + new keys/values of one temporal layer, each (batch * tokens, Hkv, length + T, hd).
+
+        A single new frame outside autograd goes into the working slot after the cached frames, and the
+        result is a view of the buffer (no copy of the cache); otherwise (several frames, or keys that
+        carry gradients) the cache is concatenated with the new frames.
+        """
+        n = self.length
+        if k.shape[2] == 1 and not (k.requires_grad or v.requires_grad):
+            kb, vb = self.k[layer], self.v[layer]
+            kb[:, :, n : n + 1].copy_(k)
+            vb[:, :, n : n + 1].copy_(v)
+            return kb[:, :, : n + 1], vb[:, :, : n + 1]
+        ck, cv = self.get(layer)
+        return torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
+
+    def write(self, layer: int, k_all: Tensor, v_all: Tensor, frames: int | None = None) -> None:
+        """Commit the first ``frames`` new frames (all if None) of ``k_all``/``v_all`` from :meth:`extend`:
+        keep the newest ``capacity`` frames of the cached + committed ones."""
+        n = self.length
+        end = k_all.shape[2] if frames is None else n + frames
+        keep = min(end, self.capacity)
+        if not keep:
+            return
+        for buf, src in ((self.k[layer], k_all), (self.v[layer], v_all)):
+            if src.data_ptr() == buf.data_ptr():  # a view of the buffer: the frame sits in slot n already
+                if end > self.capacity:  # full: drop the oldest frame (overlapping shift, via a copy)
+                    buf[:, :, :keep].copy_(buf[:, :, end - keep : end].clone())
+            else:
+                buf[:, :, :keep].copy_(src[:, :, end - keep : end].detach())
 
     def advance(self, frames: int) -> None:
         """Account for ``frames`` newly committed frames (after every layer has written)."""
@@ -113,6 +139,15 @@ class KVCache:
         idx = (rows[:, None] * self.tokens + torch.arange(self.tokens)).flatten()
         for mine, theirs in zip(self.k + self.v, other.k + other.v):
             mine.index_copy_(0, idx.to(mine.device), theirs.to(mine.device, mine.dtype))
+
+
+def _committed(commit: bool | int, frames: int) -> int:
+    """How many of ``frames`` new frames a forward commits: True all, False none, an int the first n."""
+    if isinstance(commit, bool):
+        return frames if commit else 0
+    if not 0 <= commit <= frames:
+        raise ValueError(f"commit={commit} must be a bool or a frame count in [0, {frames}]")
+    return commit
 
 
 def temporal_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
@@ -156,7 +191,7 @@ class SpaceTimeBlock(nn.Module):
         t_mask: Tensor,
         cache: KVCache | None,
         cache_layer: int,
-        commit: bool,
+        commit: bool | int,
     ) -> Tensor:
         """x (B, T, S, D) -> (B, T, S, D)."""
         b, t, s, d = x.shape
@@ -175,18 +210,17 @@ class SpaceTimeBlock(nn.Module):
         t_mask: Tensor,
         cache: KVCache | None,
         cache_layer: int,
-        commit: bool,
+        commit: bool | int,
     ) -> Tensor:
         """Causal attention of every token position over its own history: (B, T, S, D) -> same."""
         b, t, s, d = x.shape
         h = self.norm_t(x).transpose(1, 2).reshape(b * s, t, d)  # b t s d -> (b s) t d
         q, k, v = self.attn_t.project(h, t_rope)
         if cache is not None:
-            ck, cv = cache.get(cache_layer)
-            k, v = torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
-            if commit:
-                cache.write(cache_layer, k, v)
+            k, v = cache.extend(cache_layer, k, v)
         h = self.attn_t.attend_out(q, k, v, t_mask)
+        if cache is not None and commit:  # after attention: the commit may shift the buffer k, v view
+            cache.write(cache_layer, k, v, _committed(commit, t))
         return h.reshape(b, s, t, d).transpose(1, 2)  # (b s) t d -> b t s d
 
 
@@ -245,7 +279,7 @@ class SpaceTimeTransformer(nn.Module):
         window: int | None = None,
         cache: KVCache | None = None,
         t0: int | None = None,
-        commit: bool = True,
+        commit: bool | int = True,
     ) -> Tensor:
         """x (B, T, S, D) -> (B, T, S, D).
 
@@ -257,7 +291,9 @@ class SpaceTimeTransformer(nn.Module):
         t0: absolute frame index of x[:, 0] (RoPE and window). Default: ``cache.next_t`` with a cache,
             else 0. With a non-empty cache it must equal ``cache.next_t`` (frames are contiguous).
         commit: with a cache, append the new frames' keys/values (trimmed to the window) and advance
-            ``cache.next_t``; False leaves the cache untouched (re-denoising the same frame).
+            ``cache.next_t``; False leaves the cache untouched (re-denoising the same frame); an int n
+            commits only the first n new frames (a committed frame and the first denoising pass of the
+            next one in one call: the later frames attend to it, and are not kept).
         """
         b, t, s, d = x.shape
         dev = x.device
@@ -280,7 +316,7 @@ class SpaceTimeTransformer(nn.Module):
             x = blk(x, sp_rope, spatial_mask, t_rope, t_mask, cache, li, commit)
             li += int(blk.temporal)
         if cache is not None and commit:
-            cache.advance(t)
+            cache.advance(_committed(commit, t))
         return self.norm(x)
 
     def _tables(self, s: int, t0: int, t: int, cache: KVCache | None, window: int | None, dev: torch.device
