@@ -11,7 +11,7 @@ RUN     ?= runs/demo
 # built once per worker: 1.5x faster on 2 cores. PYTEST_PAR= runs them in one process.
 PYTEST_PAR ?= -n auto --dist loadscope
 
-.PHONY: install test demo bench bench-suite lint format clean
+.PHONY: install test demo bench bench-suite speed-vs lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out benchmarks/results.json $(if $(wildcard $(RUN)/agent),--run $(RUN),)
+
+# This checkout's speed against an earlier revision, in one run (issue 18): make speed-vs AGAINST=9f6f830
+AGAINST ?= 9f6f830
+speed-vs: $(STAMP)
+	$(BIN)/python benchmarks/speed_vs.py --against $(AGAINST)
 
 # The env suite (issue 17): needs the optional envs, `pip install -e .[suite]`; VIDEOS=dir adds imported video
 bench-suite: $(STAMP)

@@ -2,12 +2,13 @@
 
     python benchmarks/profile_rollout.py [--batches 1 8 32] [--frames 16] [--out benchmarks/profile_rollout]
 
-The model is the one ``benchmarks/speed_vs.py`` compares (width 128, depth 2 with one temporal layer, 27
-tokens per frame, K = 4). For each batch size a warm-up rollout runs, then a profiled one; every aten op's
+The rollout model is the one ``benchmarks/speed_vs.py`` compares (width 128, depth 2 with one temporal
+layer, 27 tokens per frame, K = 4); ``--train`` profiles one training step of the small preset's dynamics
+model and tokenizer instead. For each case a warm-up call runs, then a profiled one; every aten op's
 *self* CPU time is put in a bucket (matmuls, attention, norms and RoPE, other elementwise, copies and
 cache writes, tensor creation, other), and what the ops do not account for is Python and dispatcher
-overhead (wall time minus the summed self times). Reported per generated frame, in microseconds and as
-shares of the wall time; JSON and Markdown next to ``--out``.
+overhead (wall time minus the summed self times). Reported per generated frame (or step), in
+microseconds and as shares of the wall time; JSON and Markdown next to ``--out``.
 """
 
 from __future__ import annotations
@@ -89,54 +90,93 @@ def bucket_of(name: str) -> str:
     return "other ops"
 
 
+def breakdown(fn, units: int) -> dict:
+    """Profile one call of ``fn`` (after a warm-up call); per-unit µs by bucket, the rest Python overhead."""
+    fn()  # warm-up: memos, allocator
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    per, counts, ops = defaultdict(float), defaultdict(int), defaultdict(float)
+    for e in prof.key_averages():
+        per[bucket_of(e.key)] += e.self_cpu_time_total
+        counts[bucket_of(e.key)] += e.count
+        ops[e.key] += e.self_cpu_time_total
+    # the profiler's own cost inflates wall; time the same call unprofiled for the real figure
+    t0 = time.perf_counter()
+    fn()
+    plain = time.perf_counter() - t0
+    wall_us = wall * 1e6 / units
+    op_us = {k: v / units for k, v in per.items()}
+    op_us["Python and dispatch (wall - ops)"] = max(0.0, wall_us - sum(op_us.values()))
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "us_per_unit_profiled": wall_us,
+        "us_per_unit_unprofiled": plain * 1e6 / units,
+        "buckets_us_per_unit": op_us,
+        "ops_per_unit": sum(counts.values()) / units,
+        "top_ops_us_per_unit": {k: v / units for k, v in top},
+    }
+
+
 def profile_batch(model, batch: int, frames: int) -> dict:
+    """One generated frame (of a ``frames``-frame cached rollout, K = 4) at ``batch`` rollouts."""
     from worldflow.dynamics import rollout
 
     n, dim = model.latent_tokens, model.latent_dim
     ctx = torch.zeros(batch, 1, n, dim)
     acts = torch.zeros(batch, 1 + frames, dtype=torch.long)
     gen = torch.Generator().manual_seed(0)
-    rollout(model, ctx, acts, frames, 4, generator=gen)  # warm-up: memos, allocator
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        rollout(model, ctx, acts, frames, 4, generator=gen)
-        wall = time.perf_counter() - t0
-    per = defaultdict(float)
-    counts = defaultdict(int)
-    ops = defaultdict(float)
-    for e in prof.key_averages():
-        per[bucket_of(e.key)] += e.self_cpu_time_total
-        counts[bucket_of(e.key)] += e.count
-        ops[e.key] += e.self_cpu_time_total
-    # the profiler's own cost inflates wall; time the same rollout unprofiled for the real figure
-    t0 = time.perf_counter()
-    rollout(model, ctx, acts, frames, 4, generator=gen)
-    plain = time.perf_counter() - t0
-    wall_us = wall * 1e6 / frames
-    op_us = {k: v / frames for k, v in per.items()}
-    op_us["Python and dispatch (wall - ops)"] = max(0.0, wall_us - sum(op_us.values()))
-    top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
-    return {
-        "batch": batch,
-        "frames": frames,
-        "us_per_frame_profiled": wall_us,
-        "us_per_frame_unprofiled": plain * 1e6 / frames,
-        "frames_per_s_unprofiled": batch * frames / plain,
-        "buckets_us_per_frame": op_us,
-        "ops_per_frame": sum(counts.values()) / frames,
-        "top_ops_us_per_frame": {k: v / frames for k, v in top},
-    }
+    res = breakdown(lambda: rollout(model, ctx, acts, frames, 4, generator=gen), frames)
+    res["frames_per_s_unprofiled"] = batch * frames * 1e6 / (res["us_per_unit_unprofiled"] * frames)
+    return {"label": f"batch {batch}", **res}
 
 
-def markdown(res: list[dict], cpu: str) -> str:
-    names = list(res[0]["buckets_us_per_frame"])
-    head = " | ".join(f"batch {r['batch']}" for r in res)
+def profile_train_steps() -> list[dict]:
+    """One AdamW step of the small preset's dynamics model (16 x 8 frames) and tokenizer (16 x 2), fp32."""
+    from worldflow.config import load_config
+    from worldflow.dynamics import dynamics_loss
+    from worldflow.dynamics.model import build_dynamics
+    from worldflow.tokenizer.model import TokenizerTraining
+
+    cfg = load_config("small", ["device=cpu"])
+    torch.manual_seed(0)
+    dyn = build_dynamics(cfg, gym.spaces.Discrete(3))
+    opt = torch.optim.AdamW(dyn.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    n, dim = cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim
+    z = torch.rand(16, 8, n, dim) * 2 - 1
+    acts, mask = torch.randint(0, 3, (16, 8)), torch.ones(16, 8, dtype=torch.bool)
+
+    def dyn_step():
+        loss, _ = dynamics_loss(dyn, z, acts, mask, cfg.dynamics, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    tok = TokenizerTraining(cfg)
+    topt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
+    x = torch.randint(0, 256, (16, 2, cfg.data.size, cfg.data.size, 3), dtype=torch.uint8)
+
+    def tok_step():
+        loss, _ = tok(x)
+        topt.zero_grad()
+        loss.backward()
+        topt.step()
+
+    return [
+        {"label": "dynamics step (small)", **breakdown(dyn_step, 1)},
+        {"label": "tokenizer step (small)", **breakdown(tok_step, 1)},
+    ]
+
+
+def markdown(res: list[dict], cpu: str, unit: str) -> str:
+    names = list(res[0]["buckets_us_per_unit"])
+    head = " | ".join(r["label"] for r in res)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
-        f"CPU capability {cpu}, {torch.get_num_threads()} threads, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
-        " µs per generated frame (K = 4 denoising passes; the commit pass rides with the next frame's"
-        " first), profiled; share of the wall"
-        " time in brackets.",
+        f"CPU capability {cpu}, {torch.get_num_threads()} threads, {stamp}. µs per {unit}, profiled;"
+        " share of the profiled wall time in brackets.",
         "",
         f"| bucket | {head} |",
         "|---|" + "---|" * len(res),
@@ -144,17 +184,15 @@ def markdown(res: list[dict], cpu: str) -> str:
     for nme in names:
         cells = []
         for r in res:
-            v = r["buckets_us_per_frame"].get(nme, 0.0)
-            cells.append(f"{v:.0f} ({100 * v / r['us_per_frame_profiled']:.0f}%)")
+            v = r["buckets_us_per_unit"].get(nme, 0.0)
+            cells.append(f"{v:.0f} ({100 * v / r['us_per_unit_profiled']:.0f}%)")
         lines.append(f"| {nme} | " + " | ".join(cells) + " |")
-    lines.append("| wall, profiled | " + " | ".join(f"{r['us_per_frame_profiled']:.0f}" for r in res) + " |")
-    lines.append(
-        "| wall, unprofiled | " + " | ".join(f"{r['us_per_frame_unprofiled']:.0f}" for r in res) + " |"
-    )
-    lines.append("| aten ops per frame | " + " | ".join(f"{r['ops_per_frame']:.0f}" for r in res) + " |")
-    lines.append(
-        "| frames/s, unprofiled | " + " | ".join(f"{r['frames_per_s_unprofiled']:.0f}" for r in res) + " |"
-    )
+    for key, label in (
+        ("us_per_unit_profiled", "wall, profiled"),
+        ("us_per_unit_unprofiled", "wall, unprofiled"),
+        ("ops_per_unit", "aten ops"),
+    ):
+        lines.append(f"| {label} | " + " | ".join(f"{r[key]:.0f}" for r in res) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--train", action="store_true", help="profile the small preset's training steps instead")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "profile_rollout"))
     a = p.parse_args(argv)
     import tempfile
@@ -169,24 +208,26 @@ def main(argv: list[str] | None = None) -> int:
     from worldflow.config import load_config
     from worldflow.dynamics.model import build_dynamics
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(CONFIG_YAML)
-        f.flush()
-        cfg = load_config(f.name)
-    torch.manual_seed(0)
-    model = build_dynamics(cfg, gym.spaces.Discrete(3)).eval()
-    res = [profile_batch(model, b, a.frames) for b in a.batches]
+    if a.train:
+        res, unit = profile_train_steps(), "training step"
+    else:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            f.write(CONFIG_YAML)
+            f.flush()
+            cfg = load_config(f.name)
+        torch.manual_seed(0)
+        model = build_dynamics(cfg, gym.spaces.Discrete(3)).eval()
+        res = [profile_batch(model, b, a.frames) for b in a.batches]
+        unit = "generated frame (K = 4; the commit pass rides with the next frame's first denoising pass)"
     cpu = torch.backends.cpu.get_cpu_capability()
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "results": res}, indent=1) + "\n")
-    md = markdown(res, cpu)
+    md = markdown(res, cpu, unit)
     out.with_suffix(".md").write_text(md)
     print(md)
     for r in res:
-        print(
-            f"batch {r['batch']} top ops (µs/frame):",
-            ", ".join(f"{k} {v:.0f}" for k, v in r["top_ops_us_per_frame"].items()),
-        )
+        top = ", ".join(f"{k} {v:.0f}" for k, v in r["top_ops_us_per_unit"].items())
+        print(f"{r['label']} top ops (µs): {top}")
     return 0
 
 
