@@ -221,11 +221,15 @@ def test_eval_with_actions_past_the_truth(tiny_run, tiny_data, tmp_path):
                  "--no-progress"]) == 0
     res = json.loads(out.read_text())
     assert res["truth_horizon"] == 30 and res["psnr"]["40"] is None and math.isfinite(res["psnr"]["1"])
-    for base in (res["shuffled_actions"], res["baseline_copy_last"]):
+    for base in (res, res["shuffled_actions"], res["baseline_copy_last"]):
         assert base["psnr"]["40"] is None and math.isfinite(base["psnr"]["1"])
         assert base["objects"]["ball"]["40"] is None
+        # the pooled PSNR (of the mean MSE) is never above the per-clip mean (Jensen: log is concave)
+        assert base["psnr_pooled"]["40"] is None and base["psnr_pooled"]["1"] <= base["psnr"]["1"] + 1e-4
     assert math.isfinite(res["frechet"]["40"]) and res["frechet_samples"] == {"1": 2, "40": 78}
     assert res["tokenizer_ceiling"]["40"] is None and math.isfinite(res["tokenizer_ceiling"]["1"])
+    ceiling = res["tokenizer_ceiling_pooled"]
+    assert ceiling["40"] is None and ceiling["1"] <= res["tokenizer_ceiling"]["1"] + 1e-4
 
 
 def test_tokenizer_ceiling_is_the_true_latents_decoded(tiny_run, tiny_data):

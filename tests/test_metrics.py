@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldflow.eval.metrics import psnr, ssim
+from worldflow.eval.metrics import pooled_psnr, psnr, ssim
 
 
 def test_psnr_of_known_noise():
@@ -15,6 +15,19 @@ def test_psnr_of_known_noise():
     pred[..., ::2, :, :] += 0.1  # half the pixels off by 0.1 -> MSE = 0.005
     expected = 10 * math.log10(1 / 0.005)
     assert torch.allclose(psnr(pred, target), torch.full((4,), expected), atol=1e-3)
+
+
+def test_pooled_psnr_is_the_psnr_of_the_mean_mse():
+    """Two frames, one an exact copy (MSE 0) and one with MSE 0.01: the per-frame mean is dominated by the
+    copy's 100 dB, the pooled value is 10 log10(1 / 0.005) = 23.01 dB."""
+    target = torch.full((2, 8, 8, 3), 0.5)
+    pred = target.clone()
+    pred[1] += 0.1  # MSE 0.01 on frame 1, 0 on frame 0
+    assert float(psnr(pred, target).mean()) == pytest.approx((100 + 20) / 2, abs=1e-3)
+    assert pooled_psnr(pred, target) == pytest.approx(10 * math.log10(1 / 0.005), abs=1e-4)
+    assert pooled_psnr(pred[1:], target[1:]) == pytest.approx(float(psnr(pred[1:], target[1:])), abs=1e-4)
+    u8 = (target * 255).round().to(torch.uint8)
+    assert pooled_psnr(u8, u8) == pytest.approx(100.0)  # identical: capped, not inf
 
 
 def test_psnr_uint8_matches_float():

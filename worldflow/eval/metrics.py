@@ -27,6 +27,17 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, max_val: float = 1.0, eps: fl
     return 10.0 * torch.log10(max_val**2 / (mse + eps))
 
 
+def pooled_psnr(pred: torch.Tensor, target: torch.Tensor, max_val: float = 1.0) -> float:
+    """PSNR of the mean squared error over every image of the batch, 10 log10(max^2 / mean MSE), in dB.
+
+    Unlike the mean of per-image PSNR, one exactly repeated frame (MSE 0, 100 dB under ``psnr``'s eps)
+    cannot dominate it: on games where most steps leave the frame unchanged, copy-last's per-frame mean
+    is set by those repeats, the pooled value by the frames that did change.
+    """
+    mse = ((to_unit(pred) - to_unit(target)) ** 2).mean()
+    return float(10.0 * torch.log10(max_val**2 / mse.clamp_min(1e-10)))
+
+
 def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
     x = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))

@@ -38,6 +38,8 @@ may start in half-B episodes, which can only flatter the model. With fewer than 
 reference is every held-out frame and the floor is null.
 
 JSON keys (a public contract): ``psnr``, ``ssim`` (maps horizon -> mean over clips, null past the truth),
+``psnr_pooled`` (map horizon -> PSNR of the mean MSE over the clips: exact repeats, 100 dB each under
+``psnr``, cannot dominate it; also inside both baselines, and as ``tokenizer_ceiling_pooled``),
 ``baseline_copy_last`` and ``shuffled_actions`` (each {"psnr": map, "ssim": map}; ``shuffled_actions`` is
 null for an action-free run: no actions to shuffle), ``frechet`` (map horizon -> Fréchet distance of the
 window ending there), ``frechet_real_floor`` (map horizon -> the matched real-vs-real floor, or null),
@@ -81,7 +83,15 @@ from worldflow.data.episodes import load_manifest
 from worldflow.dynamics.model import DynamicsModel
 from worldflow.dynamics.rollout import rollout_stream
 from worldflow.errors import InputError
-from worldflow.eval.metrics import GaussianMoments, ObjectReader, Reservoir, object_match, psnr, ssim
+from worldflow.eval.metrics import (
+    GaussianMoments,
+    ObjectReader,
+    Reservoir,
+    object_match,
+    pooled_psnr,
+    psnr,
+    ssim,
+)
 from worldflow.eval.visual import comparison_video, plot_curves, write_media
 from worldflow.io import atomic_write_text
 from worldflow.tokenizer.model import CausalTokenizer
@@ -131,6 +141,7 @@ class Scores:
     psnr: dict[int, float | None]
     ssim: dict[int, float | None]
     objects: dict[str, dict[int, float | None]] | None = None
+    psnr_pooled: dict[int, float | None] | None = None  # PSNR of the mean MSE over clips (pooled_psnr)
     moments: dict[int, GaussianMoments] | None = None
     samples: dict[int, Reservoir] | None = None  # per window, a uniform subsample of its features
     video: torch.Tensor | None = None  # (VIDEO_CLIPS, T, H, W, 3) float [0, 1], T <= VIDEO_FRAMES
@@ -138,8 +149,9 @@ class Scores:
     frames: int = 0
 
     def metrics(self) -> dict[str, Any]:
-        """The JSON part: {"psnr": map, "ssim": map[, "objects": {object: map}]}."""
-        out: dict[str, Any] = {"psnr": self.psnr, "ssim": self.ssim}
+        """The JSON part: {"psnr": map, "psnr_pooled": map, "ssim": map[, "objects": {object: map}]}."""
+        pooled = self.psnr_pooled if self.psnr_pooled is not None else {h: None for h in self.psnr}
+        out: dict[str, Any] = {"psnr": self.psnr, "psnr_pooled": pooled, "ssim": self.ssim}
         if self.objects is not None:
             out["objects"] = self.objects
         return out
@@ -270,6 +282,9 @@ class RolloutEvaluator:
     def _score_step(self, out: Scores, h: int, pred: torch.Tensor, truth: torch.Tensor) -> None:
         """Record the clip means at horizon h: pred (B, H, W, 3) float, truth uint8."""
         out.psnr[h] = float(psnr(pred, truth).mean())
+        if out.psnr_pooled is None:
+            out.psnr_pooled = {g: None for g in out.psnr}
+        out.psnr_pooled[h] = pooled_psnr(pred, truth)
         out.ssim[h] = float(ssim(pred, truth).mean())
         if self.reader is not None:
             match = object_match(self.reader(pred.cpu().numpy()), self.reader(truth.cpu().numpy()), lead=1)
@@ -434,7 +449,9 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     res.update(frechet=fr.distance, frechet_real_floor=fr.floor, frechet_samples=fr.samples,
                frechet_matched=fr.matched)
     res["baseline_copy_last"] = ev.copy_last(horizons).metrics()
-    res["tokenizer_ceiling"] = ev.ceiling(horizons).psnr
+    ceiling = ev.ceiling(horizons)
+    res["tokenizer_ceiling"] = ceiling.psnr
+    res["tokenizer_ceiling_pooled"] = ceiling.metrics()["psnr_pooled"]
     res["shuffled_actions"] = None if is_action_free(model) else \
         ev.score(model, steps, horizons, shuffle_actions=True, progress=progress).metrics()
     res["frames_per_second"] = main.frames / max(main.seconds, 1e-9)
