@@ -31,8 +31,9 @@ def test_suite_runs_catch_and_imported_video_and_names_what_it_skips(tmp_path, m
         r = rows[name]
         assert "error" not in r, r
         for key in ("model_psnr", "copy_last_psnr", "ceiling_psnr", "ceiling_h1", "copy_last_h1",
-                    "frechet_last"):
+                    "ceiling_pooled_h1", "copy_last_pooled_h1", "frechet_last"):
             assert math.isfinite(r[key]), (name, key, r[key])
+        assert r["copy_last_pooled_h1"] <= r["copy_last_h1"] + 1e-4  # pooled never above the per-clip mean
     assert math.isfinite(rows["catch"]["shuffled_psnr"]) and rows["video"]["shuffled_psnr"] is None
     assert set(rows["catch"]["objects"]) >= {"ball"}
     assert rows["nothere"]["skipped"] == "needs no_such_module_xyz: pip install -e .[nothere]"
