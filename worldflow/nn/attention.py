@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldflow.config import TransformerConfig
-from worldflow.nn.layers import RMSNorm, rope_tables, rotate
+from worldflow.nn.layers import RMSNorm, rms_norm, rope_tables, rotate
 
 # SDPA grew ``enable_gqa`` in torch 2.5; older versions get kv heads repeated explicitly.
 _SDPA_HAS_GQA = torch.__version__ >= (2, 5)  # type: ignore[operator]
@@ -209,11 +209,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             w = torch.cat((self.q_norm.weight.expand(self.heads, -1),
                            self.k_norm.weight.expand(self.kv_heads, -1)))
-            if qk.dtype == torch.float32 and not torch.is_grad_enabled():  # fp32 inference: fused kernel
-                qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * w
-            else:
-                qkf = qk.float()
-                qk = (qkf * torch.rsqrt(qkf.pow(2).mean(-1, keepdim=True) + self.q_norm.eps)).to(qk.dtype) * w
+            qk = rms_norm(qk, self.q_norm.eps) * w
         qk = rotate(qk, *rope)
         q, k = qk.split([self.heads, self.kv_heads], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

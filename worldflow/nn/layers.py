@@ -15,6 +15,19 @@ from torch import Tensor, nn
 # Norms and MLP
 
 
+def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
+    """``x / rms(x)`` over the last dim (times ``weight`` if given): (..., dim) -> (..., dim).
+
+    Statistics in float32 so bf16 activations normalise accurately; in fp32 inference torch's fused
+    kernel (one op instead of five, same formula). Training keeps the explicit formula.
+    """
+    if x.dtype == torch.float32 and not torch.is_grad_enabled():
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else y * weight
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dim with a learned gain: ``x / rms(x) * g``.
 
@@ -28,12 +41,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., dim) -> (..., dim)."""
-        if x.dtype == torch.float32 and not torch.is_grad_enabled():
-            # inference in fp32: torch's fused kernel, one op instead of five (same formula)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
+        return rms_norm(x, self.eps, self.weight)
 
 
 def swiglu_hidden(width: int, mlp_ratio: float, multiple: int = 8) -> int:
