@@ -148,10 +148,13 @@ class Scores:
     seconds: float = 0.0
     frames: int = 0
 
+    def __post_init__(self) -> None:
+        if self.psnr_pooled is None:  # keyed like psnr, null until scored
+            self.psnr_pooled = {h: None for h in self.psnr}
+
     def metrics(self) -> dict[str, Any]:
         """The JSON part: {"psnr": map, "psnr_pooled": map, "ssim": map[, "objects": {object: map}]}."""
-        pooled = self.psnr_pooled if self.psnr_pooled is not None else {h: None for h in self.psnr}
-        out: dict[str, Any] = {"psnr": self.psnr, "psnr_pooled": pooled, "ssim": self.ssim}
+        out: dict[str, Any] = {"psnr": self.psnr, "psnr_pooled": self.psnr_pooled, "ssim": self.ssim}
         if self.objects is not None:
             out["objects"] = self.objects
         return out
@@ -282,8 +285,6 @@ class RolloutEvaluator:
     def _score_step(self, out: Scores, h: int, pred: torch.Tensor, truth: torch.Tensor) -> None:
         """Record the clip means at horizon h: pred (B, H, W, 3) float, truth uint8."""
         out.psnr[h] = float(psnr(pred, truth).mean())
-        if out.psnr_pooled is None:
-            out.psnr_pooled = {g: None for g in out.psnr}
         out.psnr_pooled[h] = pooled_psnr(pred, truth)
         out.ssim[h] = float(ssim(pred, truth).mean())
         if self.reader is not None:
@@ -451,7 +452,7 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     res["baseline_copy_last"] = ev.copy_last(horizons).metrics()
     ceiling = ev.ceiling(horizons)
     res["tokenizer_ceiling"] = ceiling.psnr
-    res["tokenizer_ceiling_pooled"] = ceiling.metrics()["psnr_pooled"]
+    res["tokenizer_ceiling_pooled"] = ceiling.psnr_pooled
     res["shuffled_actions"] = None if is_action_free(model) else \
         ev.score(model, steps, horizons, shuffle_actions=True, progress=progress).metrics()
     res["frames_per_second"] = main.frames / max(main.seconds, 1e-9)
