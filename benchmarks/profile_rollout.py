@@ -134,6 +134,7 @@ def profile_batch(model, batch: int, frames: int) -> dict:
 
 def profile_train_steps() -> list[dict]:
     """One AdamW step of the small preset's dynamics model (16 x 8 frames) and tokenizer (16 x 2), fp32."""
+    from worldflow.cli.bench import adamw_step, random_clip, random_frames
     from worldflow.config import load_config
     from worldflow.dynamics import dynamics_loss
     from worldflow.dynamics.model import build_dynamics
@@ -142,28 +143,13 @@ def profile_train_steps() -> list[dict]:
     cfg = load_config("small", ["device=cpu"])
     torch.manual_seed(0)
     dyn = build_dynamics(cfg, gym.spaces.Discrete(3))
-    opt = torch.optim.AdamW(dyn.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    n, dim = cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim
-    z = torch.rand(16, 8, n, dim) * 2 - 1
-    acts, mask = torch.randint(0, 3, (16, 8)), torch.ones(16, 8, dtype=torch.bool)
-
-    def dyn_step():
-        loss, _ = dynamics_loss(dyn, z, acts, mask, cfg.dynamics, gen)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    b = random_clip(cfg, 16, 8)
+    dyn_step = adamw_step(dyn, lambda: dynamics_loss(dyn, b["latents"], b["actions"], b["action_mask"],
+                                                      cfg.dynamics, gen)[0])
     tok = TokenizerTraining(cfg)
-    topt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
-    x = torch.randint(0, 256, (16, 2, cfg.data.size, cfg.data.size, 3), dtype=torch.uint8)
-
-    def tok_step():
-        loss, _ = tok(x)
-        topt.zero_grad()
-        loss.backward()
-        topt.step()
-
+    x = random_frames(cfg, 16, 2)
+    tok_step = adamw_step(tok, lambda: tok(x)[0])
     return [
         {"label": "dynamics step (small)", **breakdown(dyn_step, 1)},
         {"label": "tokenizer step (small)", **breakdown(tok_step, 1)},

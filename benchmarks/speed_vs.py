@@ -145,7 +145,9 @@ def measures(args: argparse.Namespace) -> tuple[dict, dict]:
     for bsz in args.batches:
         fns[f"rollout_b{bsz}_frames_per_s"] = rollout_rate(bsz)
 
-    # training steps (fp32, no autocast) at the small preset's batches, on their own copies of the models
+    # training steps (fp32, no autocast) at the small preset's batches, on their own copies of the models.
+    # Written out here, not taken from worldflow.cli.bench (adamw_step, random_clip): this code runs
+    # inside the compared revision too, which may predate those helpers.
     dyn = build_dynamics(cfg, gym.spaces.Discrete(3)).train()
     opt = torch.optim.AdamW(dyn.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)

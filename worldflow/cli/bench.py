@@ -75,21 +75,41 @@ def _bench_config(preset: str) -> Config:
     return load_config(preset, ["device=cpu"])
 
 
+def adamw_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One AdamW update (lr 1e-4) on ``loss()``: the training step every benchmark here times."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+
+    return step
+
+
+def random_frames(cfg: Config, batch: int, frames: int) -> torch.Tensor:
+    """Random uint8 frames (B, T, H, W, 3) at the config's frame size."""
+    return torch.randint(0, 256, (batch, frames, cfg.data.size, cfg.data.size, 3), dtype=torch.uint8)
+
+
+def random_clip(cfg: Config, batch: int, frames: int) -> dict[str, torch.Tensor]:
+    """A labelled clip batch of random latents (B, T, N, D) in (-1, 1), random Discrete(3) actions, no
+    rewards or terminations: the shapes a dynamics or agent step trains on."""
+    n, dim = cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim
+    shape = (batch, frames)
+    return {"latents": torch.rand(*shape, n, dim) * 2 - 1, "actions": torch.randint(0, 3, shape),
+            "action_mask": torch.ones(shape, dtype=torch.bool), "rewards": torch.zeros(shape),
+            "terminated": torch.zeros(shape, dtype=torch.bool)}
+
+
 def tokenizer_throughput(preset: str, batch: int, frames: int, min_time: float) -> dict[str, float]:
     """One AdamW training step of the tokenizer on random frames: tokens/s and FLOP/s."""
     from worldflow.tokenizer.model import TokenizerTraining
 
     cfg = _bench_config(preset)
     model = TokenizerTraining(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, 256, (batch, frames, cfg.data.size, cfg.data.size, 3), dtype=torch.uint8)
-
-    def step():
-        loss, _ = model(x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    x = random_frames(cfg, batch, frames)
+    step = adamw_step(model, lambda: model(x)[0])
     tok = model.tokenizer
     tokens = batch * frames * 2 * (tok.num_patches + cfg.tokenizer.latent_tokens)  # encoder + decoder
     return _throughput(step, tokens, min_time, sum(p.numel() for p in model.parameters()))
@@ -103,18 +123,10 @@ def dynamics_throughput(preset: str, batch: int, frames: int, min_time: float) -
     cfg = _bench_config(preset)
     space = gym.spaces.Discrete(3)
     model = build_dynamics(cfg, space)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    z = torch.rand(batch, frames, cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim) * 2 - 1
-    acts = torch.randint(0, 3, (batch, frames))
-    mask = torch.ones(batch, frames, dtype=torch.bool)
-
-    def step():
-        loss, _ = dynamics_loss(model, z, acts, mask, cfg.dynamics, gen)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    b = random_clip(cfg, batch, frames)
+    z, acts, mask = b["latents"], b["actions"], b["action_mask"]
+    step = adamw_step(model, lambda: dynamics_loss(model, z, acts, mask, cfg.dynamics, gen)[0])
     tokens = batch * frames * model.tokens_per_frame
     tau, d = torch.full((batch, frames), 0.5), torch.full((batch, frames), 1 / cfg.dynamics.k_max)
 
@@ -187,36 +199,18 @@ def demo_phase_steps(preset: str = "small", min_time: float = 3.0) -> dict[str, 
     cfg = _bench_config(preset)
     space = gym.spaces.Discrete(3)
     gen = torch.Generator().manual_seed(0)
-    n, dim, size = cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim, cfg.data.size
-
-    def clip(b: int, t: int) -> dict[str, torch.Tensor]:
-        return {"latents": torch.rand(b, t, n, dim) * 2 - 1, "actions": torch.randint(0, 3, (b, t)),
-                "action_mask": torch.ones(b, t, dtype=torch.bool), "rewards": torch.zeros(b, t),
-                "terminated": torch.zeros(b, t, dtype=torch.bool)}
-
-    def train_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step() -> None:
-            opt.zero_grad()
-            loss().backward()
-            opt.step()
-
-        return step
-
-    tc, tb = cfg.train_tokenizer, cfg.tokenizer.clip_len
     tok = TokenizerTraining(cfg)
-    frames = torch.randint(0, 256, (tc.batch, tb, size, size, 3), dtype=torch.uint8)
-    dyn_b = clip(cfg.train_dynamics.batch, cfg.data.clip_len)
+    frames = random_frames(cfg, cfg.train_tokenizer.batch, cfg.tokenizer.clip_len)
+    dyn_b = random_clip(cfg, cfg.train_dynamics.batch, cfg.data.clip_len)
     agent = AgentModel(cfg, space)
-    bc_b = clip(cfg.train_bc.batch, cfg.data.clip_len)
-    ctx = clip(cfg.agent.imag_batch, max(1, min(cfg.data.clip_len, cfg.dynamics.context - 1)))
+    bc_b = random_clip(cfg, cfg.train_bc.batch, cfg.data.clip_len)
+    ctx = random_clip(cfg, cfg.agent.imag_batch, max(1, min(cfg.data.clip_len, cfg.dynamics.context - 1)))
     k = cfg.agent.imag_steps
     steps = {
-        "tokenizer": train_step(tok, lambda: tok(frames)[0]),
-        "dynamics": train_step(agent.dynamics, lambda: dynamics_loss(
+        "tokenizer": adamw_step(tok, lambda: tok(frames)[0]),
+        "dynamics": adamw_step(agent.dynamics, lambda: dynamics_loss(
             agent.dynamics, dyn_b["latents"], dyn_b["actions"], dyn_b["action_mask"], cfg.dynamics, gen)[0]),
-        "bc": train_step(agent, lambda: bc_losses(agent, bc_b, cfg, gen)[0]),
+        "bc": adamw_step(agent, lambda: bc_losses(agent, bc_b, cfg, gen)[0]),
         "imagination": lambda: imagine(agent, ctx, cfg.agent.horizon, k, gen),
     }
     out: dict[str, dict[str, float]] = {}
