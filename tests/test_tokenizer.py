@@ -18,9 +18,15 @@ def tiny_cfg(**kw):
     return dataclasses.replace(load_config("tiny").tokenizer, **kw)
 
 
-def make(seed=0, **kw) -> CausalTokenizer:
+def make(seed=0, layout="learned", **kw) -> CausalTokenizer:
+    """The tiny tokenizer; ``layout="patch"`` gives one latent per patch (N_l = P)."""
     torch.manual_seed(seed)
+    if layout == "patch":
+        kw = {"latent_layout": "patch", "latent_tokens": (SIZE // tiny_cfg().patch) ** 2, **kw}
     return CausalTokenizer(tiny_cfg(**kw), SIZE).eval()
+
+
+LAYOUTS = pytest.mark.parametrize("layout", ["learned", "patch"])
 
 
 def moving_squares(n=4, t=6, size=SIZE, side=5, seed=1) -> torch.Tensor:
@@ -61,16 +67,18 @@ def test_shapes_ranges_and_input_formats():
         tok.encode(torch.zeros(1, 1, 12, 12, 3))
 
 
-def test_latents_strictly_inside_unit_interval():
-    tok = make()
+@LAYOUTS
+def test_latents_strictly_inside_unit_interval(layout):
+    tok = make(layout=layout)
     extreme = torch.cat([torch.zeros(1, 2, SIZE, SIZE, 3), torch.ones(1, 2, SIZE, SIZE, 3)], 1)
     for frames in (torch.rand(2, 4, SIZE, SIZE, 3), extreme):
         z = tok.encode(frames)
         assert z.abs().max() < 1.0
 
 
-def test_causality_of_latents_and_reconstructions():
-    tok = make()
+@LAYOUTS
+def test_causality_of_latents_and_reconstructions(layout):
+    tok = make(layout=layout)
     x = torch.rand(2, 6, SIZE, SIZE, 3)
     x2 = x.clone()
     x2[:, 3] = torch.rand_like(x2[:, 3])
@@ -84,8 +92,9 @@ def test_causality_of_latents_and_reconstructions():
     assert torch.allclose(tok.decode(z)[:, :4], tok.decode(z2)[:, :4], atol=1e-5)
 
 
-def test_streaming_equals_whole_clip_beyond_window():
-    tok = make(context=3)
+@LAYOUTS
+def test_streaming_equals_whole_clip_beyond_window(layout):
+    tok = make(layout=layout, context=3)
     x = torch.rand(2, 8, SIZE, SIZE, 3)
     z = tok.encode(x)
     enc = tok.new_encode_cache(2)
@@ -97,8 +106,9 @@ def test_streaming_equals_whole_clip_beyond_window():
     assert enc.k[0].shape[2] == 2 + 1  # bounded: context - 1 cached frames + the working slot
 
 
-def test_masking_only_in_training_mode():
-    tok = make()
+@LAYOUTS
+def test_masking_only_in_training_mode(layout):
+    tok = make(layout=layout)
     x = torch.rand(2, 4, SIZE, SIZE, 3)
     a, b = tok(x, mask=True), tok(x, mask=True)  # eval mode: mask ignored
     assert not a["patch_mask"].any()
@@ -142,14 +152,37 @@ def test_decoder_latents_do_not_see_patch_queries():
     assert not torch.allclose(tok.decoder_tokens(-z)[:, :, :p], h2[:, :, :p], atol=1e-3)
 
 
+def test_patch_layout_has_one_latent_per_patch_and_names_a_wrong_count():
+    tok = make(layout="patch")
+    z = tok.encode(torch.rand(2, 3, SIZE, SIZE, 3))
+    assert z.shape == (2, 3, tok.num_patches, tok.cfg.latent_dim)
+    assert not hasattr(tok, "latent_tokens") and not hasattr(tok, "patch_queries")  # no unused weights
+    with pytest.raises(ValueError, match=f"tokenizer.latent_tokens={tok.num_patches}"):
+        make(latent_layout="patch", latent_tokens=tok.num_patches + 1)
+
+
+def test_patch_layout_latents_carry_their_patch():
+    """A patch's content reaches its own latent most strongly at initialisation: the residual stream
+    carries it there, which is why this layout learns in few steps (docs/tokenizer.md)."""
+    tok = make(layout="patch")
+    x = torch.rand(1, 1, SIZE, SIZE, 3)
+    z = tok.bottleneck(tok.encoder_tokens(x * 2 - 1))
+    p = tok.cfg.patch
+    x2 = x.clone()
+    x2[:, :, :p, :p] = 1 - x2[:, :, :p, :p]  # change patch 0 only
+    dz = (tok.bottleneck(tok.encoder_tokens(x2 * 2 - 1)) - z).abs().sum(-1)[0, 0]  # (P,)
+    assert dz.argmax() == 0 and dz[0] > 2 * dz[1:].max()
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
-def test_tiny_tokenizer_overfits_moving_squares():
+@LAYOUTS
+def test_tiny_tokenizer_overfits_moving_squares(layout):
     """Capacity/optimisation check: 2 clips of 6 16x16 frames of moving squares (the tokenizer's whole
     temporal window), tiny preset, 300 Adam steps (~6 s on one core). An untrained tokenizer scores ~15 dB;
     seeds 0-7 all reach > 28 dB in 300 steps (seed 0: ~40 dB)."""
-    tok = make(seed=0)
+    tok = make(seed=0, layout=layout)
     clips = moving_squares(n=2)
     loss_fn = TokenizerLoss(tok.cfg)
     opt = torch.optim.AdamW(tok.parameters(), lr=5e-3, weight_decay=0.0, betas=(0.9, 0.95))

@@ -74,7 +74,11 @@ class TransformerConfig:
 class TokenizerConfig:
     transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(temporal_every=1))
     patch: int = 8  # patch size in pixels (frames must divide by it)
-    latent_tokens: int = 16  # N_l learned latent tokens per frame
+    latent_tokens: int = 16  # N_l latent tokens per frame (the "patch" layout: one per patch, N_l = P)
+    # "learned": N_l learned latent tokens read the patches by attention (Dreamer 4). "patch": each patch's
+    # encoder output is its latent (a ViT autoencoder; not in Dreamer 4), which learns in far fewer steps
+    # on camera footage (docs/tokenizer.md "Latent layout").
+    latent_layout: Literal["learned", "patch"] = "learned"
     latent_dim: int = 16  # D_b bottleneck channels (tanh)
     mask_max: float = 0.9  # masked autoencoding: p ~ U(0, mask_max) per frame
     lpips_weight: float = 0.2  # weight of the LPIPS term, used only with lpips_path

@@ -9,7 +9,10 @@ width. Both are :class:`~worldflow.nn.SpaceTimeTransformer` stacks (block-causal
     query patches         yes      no              query patches          yes      yes
     query latents         yes      yes             query latents          no       yes
 
-Temporal attention is per token position, so these rules also hold across frames. Pixels are predicted
+Temporal attention is per token position, so these rules also hold across frames. With
+``cfg.latent_layout = "patch"`` (not in Dreamer 4) there are no separate latent tokens or patch queries:
+each patch's encoder output is its latent (N_l = P) and the decoder sees the P latents at their patch
+positions, all attending to all (a ViT autoencoder). Pixels are predicted
 in [-1, 1] by a linear head with no output activation (a tanh would have vanishing gradients exactly at
 the saturated black/white pixels that synthetic frames are full of); :meth:`CausalTokenizer.decode`
 clamps. See docs/tokenizer.md.
@@ -63,21 +66,30 @@ class CausalTokenizer(nn.Module):
         width = cfg.transformer.width
         n_l = cfg.latent_tokens
 
+        self.learned = cfg.latent_layout == "learned"
+        if not self.learned and n_l != self.num_patches:
+            raise ValueError(f"tokenizer.latent_layout=patch needs one latent per patch: set "
+                             f"tokenizer.latent_tokens={self.num_patches} (got {n_l})")
+        # Latents sit after the patches in the token order; in the patch layout they are the patches.
+        self.latent_start = self.num_patches if self.learned else 0
+
         # encoder side
         self.patch_in = nn.Linear(patch_dim, width)
         self.patch_pos = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
         self.mask_token = nn.Parameter(torch.randn(width) * 0.02)
-        self.latent_tokens = nn.Parameter(torch.randn(n_l, width) * 0.02)
+        if self.learned:
+            self.latent_tokens = nn.Parameter(torch.randn(n_l, width) * 0.02)
         self.encoder = SpaceTimeTransformer(cfg.transformer)
         self.to_latent = nn.Linear(width, cfg.latent_dim)
         # decoder side
         self.from_latent = nn.Linear(cfg.latent_dim, width)
         self.latent_pos = nn.Parameter(torch.randn(n_l, width) * 0.02)
-        self.patch_queries = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
+        if self.learned:
+            self.patch_queries = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
         self.decoder = SpaceTimeTransformer(cfg.transformer)
         self.patch_out = nn.Linear(width, patch_dim)
 
-        enc, dec = spatial_masks(self.num_patches, n_l)
+        enc, dec = spatial_masks(self.num_patches, n_l) if self.learned else (None, None)
         self.register_buffer("enc_mask", enc, persistent=False)
         self.register_buffer("dec_mask", dec, persistent=False)
 
@@ -115,14 +127,15 @@ class CausalTokenizer(nn.Module):
 
     def encoder_tokens(self, x: Tensor, patch_mask: Tensor | None = None,
                        cache: KVCache | None = None) -> Tensor:
-        """Signed frames (B, T, H, W, 3) -> encoder outputs (B, T, P + N_l, width)."""
+        """Signed frames (B, T, H, W, 3) -> encoder outputs (B, T, S, width), S = P + N_l (P: patch layout)."""
         emb = self.patch_in(self.patchify(x))
         if patch_mask is not None:  # replace the content, keep the position: MAE-style
             emb = torch.where(patch_mask[..., None], self.mask_token.to(emb.dtype), emb)
-        emb = emb + self.patch_pos
-        b, t = emb.shape[:2]
-        lat = self.latent_tokens.to(emb.dtype).expand(b, t, -1, -1)
-        tokens = torch.cat((emb, lat), dim=2)
+        tokens = emb + self.patch_pos
+        if self.learned:
+            b, t = emb.shape[:2]
+            lat = self.latent_tokens.to(emb.dtype).expand(b, t, -1, -1)
+            tokens = torch.cat((tokens, lat), dim=2)
         return self.encoder(tokens, spatial_mask=self.enc_mask, window=self._window(cache), cache=cache)
 
     def bottleneck(self, h: Tensor) -> Tensor:
@@ -130,16 +143,17 @@ class CausalTokenizer(nn.Module):
 
         tanh runs in float32 even under bf16 autocast: bf16 would round |z| > 0.996 to exactly 1.
         """
-        return torch.tanh(self.to_latent(h[:, :, self.num_patches :]).float())
+        return torch.tanh(self.to_latent(h[:, :, self.latent_start :]).float())
 
     def decoder_tokens(self, latents: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Latents (B, T, N_l, D_b) -> decoder outputs (B, T, P + N_l, width)."""
+        """Latents (B, T, N_l, D_b) -> decoder outputs (B, T, S, width); the first P rows are the patches."""
         if latents.shape[-2:] != self.latent_shape:
             raise ValueError(f"expected latents (..., {self.latent_shape}), got {tuple(latents.shape)}")
-        lat = self.from_latent(latents) + self.latent_pos
-        b, t = lat.shape[:2]
-        q = self.patch_queries.to(lat.dtype).expand(b, t, -1, -1)
-        tokens = torch.cat((q, lat), dim=2)
+        tokens = self.from_latent(latents) + self.latent_pos
+        if self.learned:
+            b, t = tokens.shape[:2]
+            q = self.patch_queries.to(tokens.dtype).expand(b, t, -1, -1)
+            tokens = torch.cat((q, tokens), dim=2)
         return self.decoder(tokens, spatial_mask=self.dec_mask, window=self._window(cache), cache=cache)
 
     def predict_pixels(self, latents: Tensor, cache: KVCache | None = None) -> Tensor:
