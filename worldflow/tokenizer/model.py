@@ -127,7 +127,7 @@ class CausalTokenizer(nn.Module):
 
     def encoder_tokens(self, x: Tensor, patch_mask: Tensor | None = None,
                        cache: KVCache | None = None) -> Tensor:
-        """Signed frames (B, T, H, W, 3) -> encoder outputs (B, T, S, width), S = P + N_l (P: patch layout)."""
+        """Signed frames (B, T, H, W, 3) -> encoder outputs (B, T, S, width); S = P + N_l (patch layout P)."""
         emb = self.patch_in(self.patchify(x))
         if patch_mask is not None:  # replace the content, keep the position: MAE-style
             emb = torch.where(patch_mask[..., None], self.mask_token.to(emb.dtype), emb)
