@@ -159,6 +159,11 @@ def test_patch_layout_has_one_latent_per_patch_and_names_a_wrong_count():
     assert not hasattr(tok, "latent_tokens") and not hasattr(tok, "patch_queries")  # no unused weights
     with pytest.raises(ValueError, match=f"tokenizer.latent_tokens={tok.num_patches}"):
         make(latent_layout="patch", latent_tokens=tok.num_patches + 1)
+    auto = tiny_cfg(latent_layout="patch", latent_tokens=0)  # 0 = one per patch, at any frame size
+    for size in (SIZE, 2 * SIZE):
+        assert CausalTokenizer(auto, size).latent_shape == ((size // auto.patch) ** 2, auto.latent_dim)
+        assert auto.num_latents(size) == (size // auto.patch) ** 2
+    assert tok.tokens_per_frame == tok.num_patches and make().tokens_per_frame == make().num_patches + 4
 
 
 def test_patch_layout_latents_carry_their_patch():

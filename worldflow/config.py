@@ -74,7 +74,7 @@ class TransformerConfig:
 class TokenizerConfig:
     transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(temporal_every=1))
     patch: int = 8  # patch size in pixels (frames must divide by it)
-    latent_tokens: int = 16  # N_l latent tokens per frame (the "patch" layout: one per patch, N_l = P)
+    latent_tokens: int = 16  # N_l latent tokens per frame; "patch" layout: P, or 0 for "one per patch"
     # "learned": N_l learned latent tokens read the patches by attention (Dreamer 4). "patch": each patch's
     # encoder output is its latent (a ViT autoencoder; not in Dreamer 4), which learns in far fewer steps
     # on camera footage (docs/tokenizer.md "Latent layout").
@@ -90,6 +90,13 @@ class TokenizerConfig:
     hard_patch_steps: int = 1000  # ... over this many training steps (the linear schedule only)
     clip_len: int = 16  # frames per tokenizer training clip; short clips train faster
     context: int = 16  # temporal attention window in frames (whole-clip and streaming alike)
+
+    def num_latents(self, image_size: int) -> int:
+        """N_l for frames of ``image_size``: ``latent_tokens``, except that the patch layout's 0 means one
+        latent per patch, (image_size / patch)^2, so a preset needs no edit for another frame size."""
+        if self.latent_layout == "patch" and self.latent_tokens == 0:
+            return (image_size // self.patch) ** 2
+        return self.latent_tokens
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def random_frames(cfg: Config, batch: int, frames: int) -> torch.Tensor:
 def random_clip(cfg: Config, batch: int, frames: int) -> dict[str, torch.Tensor]:
     """A labelled clip batch of random latents (B, T, N, D) in (-1, 1), random Discrete(3) actions, no
     rewards or terminations: the shapes a dynamics or agent step trains on."""
-    n, dim = cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim
+    n, dim = cfg.tokenizer.num_latents(cfg.data.size), cfg.tokenizer.latent_dim
     shape = (batch, frames)
     return {"latents": torch.rand(*shape, n, dim) * 2 - 1, "actions": torch.randint(0, 3, shape),
             "action_mask": torch.ones(shape, dtype=torch.bool), "rewards": torch.zeros(shape),
@@ -111,7 +111,7 @@ def tokenizer_throughput(preset: str, batch: int, frames: int, min_time: float) 
     x = random_frames(cfg, batch, frames)
     step = adamw_step(model, lambda: model(x)[0])
     tok = model.tokenizer
-    tokens = batch * frames * 2 * (tok.num_patches + cfg.tokenizer.latent_tokens)  # encoder + decoder
+    tokens = batch * frames * 2 * tok.tokens_per_frame  # encoder + decoder
     return _throughput(step, tokens, min_time, sum(p.numel() for p in model.parameters()))
 
 
@@ -154,7 +154,7 @@ def rollout_speed(preset: str, horizons: list[int], steps: int, use_cache: bool,
 
     cfg = _bench_config(preset)
     model = build_dynamics(cfg, gym.spaces.Discrete(3)).eval()
-    n, dim = cfg.tokenizer.latent_tokens, cfg.tokenizer.latent_dim
+    n, dim = cfg.tokenizer.num_latents(cfg.data.size), cfg.tokenizer.latent_dim
     out = {}
     for h in horizons:
         ctx = torch.zeros(batch, 1, n, dim)

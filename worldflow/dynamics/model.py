@@ -141,5 +141,5 @@ class DynamicsModel(nn.Module):
 
 
 def build_dynamics(cfg: Config, action_space: gym.Space) -> DynamicsModel:
-    return DynamicsModel(cfg.dynamics, latent_tokens=cfg.tokenizer.latent_tokens,
+    return DynamicsModel(cfg.dynamics, latent_tokens=cfg.tokenizer.num_latents(cfg.data.size),
                          latent_dim=cfg.tokenizer.latent_dim, action_space=action_space)

@@ -52,7 +52,7 @@ class CausalTokenizer(nn.Module):
 
     Frames are channel-last: uint8 (B, T, H, W, 3) in [0, 255] or float in [0, 1]; H = W = image_size,
     divisible by ``cfg.patch``. Latents are float (B, T, N_l, D_b) in (-1, 1) (tanh), N_l =
-    ``cfg.latent_tokens``, D_b = ``cfg.latent_dim``.
+    ``cfg.num_latents(image_size)``, D_b = ``cfg.latent_dim``.
     """
 
     def __init__(self, cfg: TokenizerConfig, image_size: int):
@@ -64,12 +64,12 @@ class CausalTokenizer(nn.Module):
         self.num_patches = self.grid**2
         patch_dim = cfg.patch * cfg.patch * 3
         width = cfg.transformer.width
-        n_l = cfg.latent_tokens
+        n_l = cfg.num_latents(image_size)
 
         self.learned = cfg.latent_layout == "learned"
         if not self.learned and n_l != self.num_patches:
             raise ValueError(f"tokenizer.latent_layout=patch needs one latent per patch: set "
-                             f"tokenizer.latent_tokens={self.num_patches} (got {n_l})")
+                             f"tokenizer.latent_tokens={self.num_patches} or 0 (got {n_l})")
         # Latents sit after the patches in the token order; in the patch layout they are the patches.
         self.latent_start = self.num_patches if self.learned else 0
 
@@ -96,7 +96,12 @@ class CausalTokenizer(nn.Module):
     @property
     def latent_shape(self) -> tuple[int, int]:
         """(N_l, D_b): latent tokens per frame and channels per token."""
-        return self.cfg.latent_tokens, self.cfg.latent_dim
+        return self.latent_pos.shape[0], self.cfg.latent_dim
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """S: transformer tokens per frame, P + N_l (learned layout) or P (patch layout)."""
+        return self.latent_start + self.latent_pos.shape[0]
 
     # ----------------------------------------------------------------------------------- pixels <-> patches
 
