@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 # CPU build of torch that CI uses (a plain `torch` requirement pulls a multi-GB CUDA build).
 TORCH   ?= torch==2.13.0
-EXTRAS  ?= dev,classic
+EXTRAS  ?= dev,classic,play
 STAMP   := $(VENV)/.installed
 RUN     ?= runs/demo
 # Tests run on every core (pytest-xdist), one worker per test module so module and session fixtures are

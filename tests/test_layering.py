@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("worldflow.eval",),
     ("worldflow.gym_env",),  # the world model as a gymnasium env
     ("worldflow.train",),
-    ("worldflow.cli",),
+    ("worldflow.cli", "worldflow.play"),  # front ends: the command line and the browser game
 ]
 
 

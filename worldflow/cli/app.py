@@ -1,4 +1,4 @@
-"""The ``worldflow`` command: collect, train tokenizer|dynamics|agent, eval, rollout, demo, bench.
+"""The ``worldflow`` command: collect, train tokenizer|dynamics|agent, eval, rollout, demo, bench, play.
 
 Each subcommand lives in the module of its concept; this file only builds the argument parser and
 dispatches, importing heavy modules lazily so ``worldflow --help`` is instant.
@@ -25,6 +25,7 @@ _COMMANDS = {
     "demo": "worldflow.cli.demo",
     "bench": "worldflow.cli.bench",
     "config": "worldflow.cli.config",
+    "play": "worldflow.cli.play",
 }
 
 
