@@ -32,6 +32,13 @@ def test_presets_never_attend_further_back_than_they_train(preset):
     assert dyn.context <= max(cfg.data.clip_len, dyn.long_len if dyn.long_every > 0 else 0)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_presets_latents_pack_into_whole_dynamics_tokens(preset):
+    cfg = load_config(preset)
+    n = cfg.tokenizer.num_latents(cfg.data.size)
+    assert n > 0 and n % cfg.dynamics.pack == 0 and cfg.data.size % cfg.tokenizer.patch == 0
+
+
 def test_window_warning_names_the_section():
     with pytest.warns(UserWarning, match="dynamics.context=16 exceeds the 8-frame"):
         warn_if_window_exceeds_training("dynamics", 16, 8)
