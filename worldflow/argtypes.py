@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["positive_int", "nonneg_int", "positive_float", "probability", "power_of_two"]
+__all__ = ["positive_int", "nonneg_int", "positive_float", "probability", "power_of_two", "int_in",
+           "float_in"]
 
 
 def _int(text: str) -> int:
@@ -50,12 +53,27 @@ def positive_float(text: str) -> float:
     return x
 
 
-def probability(text: str) -> float:
-    """A float in [0, 1]."""
-    x = _float(text)
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {x}")
-    return x
+def _in(parse: Callable[[str], Any], lo: float, hi: float, note: str) -> Callable[[str], Any]:
+    def check(text: str) -> Any:
+        x = parse(text)
+        if not lo <= x <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}]{note}, got {x}")
+        return x
+
+    return check
+
+
+def int_in(lo: int, hi: int, note: str = "") -> Callable[[str], int]:
+    """An int in [lo, hi]; ``note`` follows the range in the error (say what an end value means)."""
+    return _in(_int, lo, hi, note)
+
+
+def float_in(lo: float, hi: float, note: str = "") -> Callable[[str], float]:
+    """A float in [lo, hi]; ``note`` as for :func:`int_in`."""
+    return _in(_float, lo, hi, note)
+
+
+probability = float_in(0, 1)  # a float in [0, 1]
 
 
 def power_of_two(text: str) -> int:

@@ -12,33 +12,14 @@ import argparse
 import asyncio
 import sys
 
-from worldflow.argtypes import nonneg_int, positive_int, power_of_two
+from worldflow.argtypes import float_in, int_in, nonneg_int, positive_int, power_of_two
 
 FIX = "pip install -e .[play]"
 
 
-def _fps(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= x <= 1000:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1000] (0: as fast as the model goes), got {text}")
-    return x
-
-
-def _games(text: str) -> int:
-    n = nonneg_int(text)
-    if not 1 <= n <= 64:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 64, got {n}")
-    return n
-
-
-def _port(text: str) -> int:
-    n = nonneg_int(text)
-    if n > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port in 0..65535 (0: any free one), got {n}")
-    return n
+_fps = float_in(0, 1000, " (0: as fast as the model goes)")
+_games = int_in(1, 64)
+_port = int_in(0, 65535, " (0: any free one)")
 
 
 def _require_aiohttp() -> None:
