@@ -23,9 +23,8 @@ def test_rank_k_patches_are_exact_at_k_and_lossy_below():
     assert res[2] > 90  # exact up to float error (the PSNR eps caps it at 100 dB)
     # rank 1 keeps the stronger direction; the lost variance is the second one's, in closed form
     centred = patches[400:] - patches[:400].mean(0)
-    _, s, _ = np.linalg.svd(patches[:400] - patches[:400].mean(0), full_matrices=False)
-    assert res[1] < 60 and s[0] > s[1]
-    v = np.linalg.svd(patches[:400] - patches[:400].mean(0), full_matrices=False)[2][:1]
+    assert res[1] < 60
+    v = np.linalg.svd(patches[:400] - patches[:400].mean(0), full_matrices=False)[2][:1]  # top direction
     mse = np.square(centred - centred @ v.T @ v).mean()
     assert abs(res[1] - (-10 * np.log10(mse))) < 0.05
 
