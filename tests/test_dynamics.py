@@ -303,3 +303,26 @@ def test_dynamics_loss_single_frame_split():
     _, terms = dynamics_loss(m, z, torch.randint(0, 3, (10, 4)), None, cfg, torch.Generator().manual_seed(0))
     n_single = round(terms["single_frac"].item() * 10)
     assert n_single in (3,) and calls == [(n_single * 4, 1), (10 - n_single, 4)]
+
+
+def test_dynamics_loss_trains_on_the_rollouts_context_labels():
+    """With context_rows, every model call of a training step — the main pass and both half steps of the
+    bootstrap target — sees rows whose first frames carry the rollout's (τ_ctx, d_min) context label; a
+    rollout at K = 2 then conditions on a pattern the model was trained with (d_min context, then d = 1/2)."""
+    m = tiny_model()
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append((args[1].clone(), args[2].clone())))
+    cfg = tiny_cfg(single_frame_fraction=0.0, bootstrap_fraction=1.0, context_rows=1.0)
+    z = torch.randn(6, 4, N, D)
+    dynamics_loss(m, z, torch.randint(0, 3, (6, 4)), None, cfg, torch.Generator().manual_seed(0))
+    tau_ctx, d_min = flow.context_level(cfg.context_signal, cfg.k_max), 1.0 / cfg.k_max
+    assert len(seen) == 3  # x̂ pass, then the two half steps on the bootstrap rows
+    for tau, d in seen:
+        assert ((tau[:, 0] == tau_ctx) & (d[:, 0] == d_min)).all()  # every row starts with context
+    assert (seen[0][1][:, -1] > d_min).all()  # and ends with a bootstrap frame, as a step of K < K_max
+    # off (the default): independent per-frame levels, the first frame almost never at τ_ctx
+    seen.clear()
+    dynamics_loss(m, z, torch.randint(0, 3, (6, 4)), None, tiny_cfg(single_frame_fraction=0.0),
+                  torch.Generator().manual_seed(0))
+    assert not ((seen[0][0] == tau_ctx) & (seen[0][1] == d_min)).all(1).any()
+

@@ -160,6 +160,37 @@ def test_sample_tau_d_exact_row_count_and_uniform_tau():
     assert (d == 1).all() and (tau == 0).all()
 
 
+def test_context_prefix_puts_the_samplers_label_pattern_in_rows():
+    """A chosen row starts with j in 1..T-1 frames at (tau_ctx, d_min); everything else keeps its draw."""
+    g = torch.Generator().manual_seed(3)
+    tau_ctx = flow.context_level(0.9, K_MAX)
+    chosen, lengths = 0, set()
+    for _ in range(200):
+        tau0, d0 = flow.sample_tau_d(8, 5, K_MAX, 0.5, generator=g)
+        tau, d = flow.context_prefix(tau0, d0, tau_ctx, K_MAX, 0.5, generator=g)
+        ctx = (tau == tau_ctx) & (d == 1.0 / K_MAX)
+        changed = (tau != tau0) | (d != d0)
+        assert not (changed & ~ctx).any()  # only ever overwritten with the context label
+        for r in range(8):
+            if not changed[r].any():
+                continue
+            chosen += 1
+            j = int(changed[r].nonzero().max()) + 1  # the prefix ends at the last overwritten frame
+            assert j <= 4 and ctx[r, :j].all()  # a prefix, never the last frame
+            lengths.add(j)
+        e = -torch.log2(d)
+        assert torch.equal(e, e.round()) and torch.equal(tau / d, (tau / d).round())  # still on the grid
+    # a chosen row whose first frames already held the label is invisible here, so the count is a bound
+    assert 0.40 * 1600 < chosen <= 0.5 * 1600 + 200 and lengths == {1, 2, 3, 4}
+    # the inference pattern: d_min context followed by a frame at d > d_min occurs (bootstrap rows)
+    tau, d = flow.context_prefix(*flow.sample_tau_d(64, 4, K_MAX, 1.0, generator=g), tau_ctx, K_MAX, 1.0,
+                                 generator=g)
+    assert ((d[:, 0] == 1.0 / K_MAX) & (tau[:, 0] == tau_ctx) & (d[:, -1] > 1.0 / K_MAX)).all()
+    same = flow.context_prefix(tau, d, tau_ctx, K_MAX, 0.0, generator=g)
+    assert same[0] is tau and same[1] is d  # fraction 0 (the default) draws nothing, changes nothing
+    assert flow.context_level(0.9, 64) == 58 / 64 and flow.context_level(0.9, 64, noisy=False) == 63 / 64
+
+
 # ---------------------------------------------------------------------------------------------------
 # Shortcut forcing
 

@@ -114,6 +114,9 @@ class DynamicsConfig:
     context_noise: bool = True  # corrupt context frames at inference (ablation switch)
     context: int = 16  # C: temporal attention window / rollout context in frames
     single_frame_fraction: float = 0.3  # share of items trained as single frames without temporal context
+    # share of sequence rows whose first j ~ U{1..T-1} frames carry the rollout's context label
+    # (context_signal, d_min), as the sampler conditions (worldflow.flow.context_prefix; not in Dreamer 4)
+    context_rows: float = 0.0
     long_every: int = 0  # every N-th batch uses clips of long_len frames (0 = never)
     long_len: int = 32  # frames per clip of the long batches (long_every)
     steps: int = 4  # default sampling steps K at inference

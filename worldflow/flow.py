@@ -116,6 +116,12 @@ def snap_tau(value: float, k_max: int) -> float:
     return min(max(round(value * k_max), 0), k_max - 1) / k_max
 
 
+def context_level(signal: float, k_max: int, noisy: bool = True) -> float:
+    """τ_ctx, the level a rollout labels its context frames with: ``signal`` snapped to the grid when the
+    context is corrupted (Dreamer 4's context noise), else the cleanest level 1 − 1/K_max."""
+    return snap_tau(signal, k_max) if noisy else 1.0 - 1.0 / k_max
+
+
 def is_bootstrap(d: Tensor, k_max: int) -> Tensor:
     """Frames trained with the bootstrap (self-consistency) term: d > d_min = 1/K_max.  (B, T) bool."""
     return d > 1.0 / k_max
@@ -155,6 +161,37 @@ def sample_tau_d(
     i = (rng.rand((batch, frames), generator, device) * n_levels).long().clamp_max(n_levels - 1)  # τ = i·d
     d = torch.ldexp(torch.ones_like(e, dtype=torch.float32), -e)
     return i.float() * d, d
+
+
+def context_prefix(
+    tau: Tensor,
+    d: Tensor,
+    tau_ctx: float,
+    k_max: int,
+    fraction: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Give a share ``fraction`` of the rows the sampler's label pattern: a context prefix at (τ_ctx, d_min).
+
+    tau, d: (B, T) from :func:`sample_tau_d`. In each chosen row (stochastically rounded count, placed at
+    random) the first j frames, j ~ U{1, …, T − 1}, become (τ_ctx, d_min) — exactly how an autoregressive
+    rollout labels the frames it conditions on — and the frames from j on keep their draws, so a bootstrap
+    row becomes d_min context followed by d > d_min frames, as at inference. Without this, independent
+    per-frame levels almost never put every earlier frame near clean (with τ ~ U, all of 7 frames above 0.9
+    has probability 10⁻⁷) and the sampler's pattern is one the model never trained on. Returns new
+    (tau, d); the draws are exact grid values.
+    """
+    b, t = tau.shape
+    if t < 2 or fraction <= 0 or b == 0:
+        return tau, d
+    u = rng.rand((), generator).item()
+    n = min(b, int(math.floor(b * fraction + u)))
+    chosen = torch.zeros(b, dtype=torch.bool, device=tau.device)
+    chosen[rng.randperm(b, generator, tau.device)[:n]] = True
+    j = 1 + rng.randint(t - 1, (b,), generator, tau.device)  # prefix length in {1, …, T − 1}
+    prefix = chosen[:, None] & (torch.arange(t, device=tau.device)[None, :] < j[:, None])
+    return (torch.where(prefix, torch.full_like(tau, tau_ctx), tau),
+            torch.where(prefix, torch.full_like(d, 1.0 / k_max), d))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ def dynamics_loss(
     for part_rows, items, name, z1, acts, mask, tk in parts:
         n = part_rows.total
         tau, d = flow.sample_tau_d(n, z1.shape[1], cfg.k_max, boot_frac, generator, z1.device)
+        if name == "seq":
+            tau, d = flow.context_prefix(
+                tau, d, flow.context_level(cfg.context_signal, cfg.k_max, cfg.context_noise), cfg.k_max,
+                cfg.context_rows, generator)
         noise = rng.randn((n, *z1.shape[1:]), generator, z1.device, z1.dtype)
         # half-step passes iff the global part has bootstrap frames: the same model calls in every process
         run_boot = bool(flow.is_bootstrap(d, cfg.k_max).any())

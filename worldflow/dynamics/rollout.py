@@ -43,7 +43,7 @@ class RolloutStream:
         self.model, self.batch, self.task, self.generator = model, batch, task, generator
         signal = cfg.context_signal if context_signal is None else context_signal
         self.noisy = cfg.context_noise
-        self.tau_ctx = flow.snap_tau(signal, cfg.k_max) if self.noisy else 1.0 - 1.0 / cfg.k_max
+        self.tau_ctx = flow.context_level(signal, cfg.k_max, self.noisy)
         self.d_ctx = 1.0 / cfg.k_max
         self.cache = model.new_cache(batch) if use_cache else None
         self.history: list[tuple[Tensor, Tensor, Tensor, Actions, Tensor | None]] = []
