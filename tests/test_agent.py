@@ -388,7 +388,8 @@ def test_value_loss_two_hot_on_stop_gradient_returns():
 
 
 def pmpo_loop(logp, adv, kl, alpha, beta):
-    pos = [lp for lp, a in zip(logp, adv) if a > 0]
+    """Dreamer 4's PMPO objective as written: D⁺ = {A ≥ 0}, D⁻ = {A < 0}, KL averaged over all N."""
+    pos = [lp for lp, a in zip(logp, adv) if a >= 0]
     neg = [lp for lp, a in zip(logp, adv) if a < 0]
     loss = 0.0
     if neg:
@@ -404,7 +405,7 @@ def pmpo_loop(logp, adv, kl, alpha, beta):
         [0.5, -1.0, 2.0, -0.1, 0.0, 3.0],
         [1.0, 2.0, 0.5, 0.1, 9.0, 1.0],  # D⁻ empty
         [-1.0, -2.0, -0.5, -0.1, -9.0, -1.0],  # D⁺ empty
-        [0.0] * 6,  # both empty: KL term only
+        [0.0] * 6,  # A = 0 is in D⁺ (the paper's ≥), D⁻ empty
     ],
 )
 def test_pmpo_loss_matches_transcription(adv):
@@ -415,6 +416,9 @@ def test_pmpo_loss_matches_transcription(adv):
         assert torch.isfinite(got) and got.item() == pytest.approx(ref, rel=1e-6, abs=1e-7)
     # signs only: rescaling the advantages changes nothing
     a = torch.tensor(adv)
+    if 0.0 in adv:  # a zero advantage is positive: moving it to a small negative value changes the loss
+        moved = torch.where(a == 0, torch.tensor(-1e-3), a)
+        assert pmpo_loss(logp, moved, kl).item() != pytest.approx(pmpo_loss(logp, a, kl).item())
     assert pmpo_loss(logp, a * 100, kl).item() == pytest.approx(pmpo_loss(logp, a, kl).item())
 
 

@@ -152,6 +152,8 @@ def test_rollout_video_start_past_its_end(capsys, tiny_run, tmp_path):
     (["agent.bins=["], "override 'agent.bins=[': '[' is not a YAML value"),
     (["train_bc.head_lr=1e-3"], "config key 'train_bc.head_lr' was replaced by head_lr_scale"),
     (["data.cross_episode=true"], "config key 'data.cross_episode' was removed"),
+    (["agent.train_backbone=true"], "config key 'agent.train_backbone' was removed: it did nothing"),
+    (["dynamics.num_tasks=3"], "dynamics.num_tasks is 3, but worldflow datasets carry no task ids"),
 ])
 def test_config_errors_are_one_line(capsys, tiny_data, tmp_path, extra, message):
     argv = ["train", "tokenizer", "--config", "tiny", "--data", str(tiny_data), "--run", str(tmp_path / "r"),

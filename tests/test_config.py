@@ -164,6 +164,7 @@ def test_old_run_configs_with_sentinels_are_upgraded(tmp_path):
         old[phase]["head_lr"] = 0.0  # meant lr
     old["train_bc"].pop("head_lr_scale")
     old["train_bc"]["head_lr"] = 4 * old["train_bc"]["lr"]
+    old["agent"]["train_backbone"] = False  # removed later: it had no effect
     (tmp_path / "config.json").write_text(json.dumps(old))
     cfg = read_config(tmp_path / "config.json")
     assert cfg.tokenizer.clip_len == cfg.data.clip_len == 6
@@ -177,3 +178,5 @@ def test_a_replaced_key_names_its_replacement():
         load_config("tiny", ["train_bc.head_lr=1e-3"])
     with pytest.raises(ConfigError, match="data.cross_episode' was removed"):
         load_config("tiny", ["data.cross_episode=true"])
+    with pytest.raises(ConfigError, match="agent.train_backbone' was removed: it did nothing"):
+        load_config("tiny", ["agent.train_backbone=true"])

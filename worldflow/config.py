@@ -146,7 +146,6 @@ class AgentConfig:
     # Phase-3 updates per imagined batch. Imagination is nearly all of a phase-3 step's time; each update
     # recomputes values and λ-returns with the current heads, so reuse also lets the value head catch up.
     imag_reuse: int = 1
-    train_backbone: bool = False  # phase 3 also trains the transformer (else policy + value heads)
     # Phase 2: divide each loss term (dynamics, BC, reward, continue) by its running RMS, as the tokenizer
     # does. Without it the 9-step BC sum (~8) outweighs the dynamics loss (~0.01) ~600:1 and fine-tuning
     # the shared transformer erases the world model (on Catch: ball tracked 81% -> 2% after one step).
@@ -296,6 +295,9 @@ _RENAMED = {
     "DataConfig": {"cross_episode": "was removed: it was read by nothing (training clips never cross "
                                     "episodes; worldflow.data.dataset.ClipDataset(cross_episode=True) can)"},
     "TrainConfig": {"head_lr": "was replaced by head_lr_scale (the heads' peak lr is head_lr_scale * lr)"},
+    "AgentConfig": {"train_backbone": "was removed: it did nothing (imagination runs without gradients, so "
+                                      "no gradient reached the transformer); phase 3 trains the policy "
+                                      "and value heads, with the world model frozen"},
 }
 
 
@@ -413,6 +415,7 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
     data = json.loads(json.dumps(data))  # a deep copy of plain JSON
     data.get("data", {}).pop("cross_episode", None)
     tok, agent = data.get("tokenizer", {}), data.get("agent", {})
+    agent.pop("train_backbone", None)  # removed: it had no effect (see _RENAMED)
     if tok.get("clip_len") == 0:
         tok["clip_len"] = data.get("data", {}).get("clip_len", DataConfig.clip_len)
     if agent.get("imag_steps") == 0:

@@ -292,13 +292,13 @@ def pmpo_loss(logp: Tensor, advantages: Tensor, kl: Tensor, alpha: float = 0.5, 
 
         L = (1 − α)/|D⁻| Σ_{D⁻} ln π(a|s) − α/|D⁺| Σ_{D⁺} ln π(a|s) + β/N Σ_{i=1..N} KL[π ‖ π_prior]_i
 
-    with D⁺ = {i : A_i > 0}, D⁻ = {i : A_i < 0}; samples with A_i = 0 carry no sign, so they are in
-    neither set (they still count in N for the KL term). An empty set contributes 0. Advantages are used
-    through their sign only (not normalised, no gradient). logp, advantages, kl: (N,) -> scalar.
+    with D⁺ = {i : A_i ≥ 0} and D⁻ = {i : A_i < 0}, the paper's split: a sample with A_i = 0 counts as
+    positive. An empty set contributes 0. Advantages are used through their sign only (not normalised,
+    no gradient). logp, advantages, kl: (N,) -> scalar.
     ``kl`` must be computed against a detached prior (see :func:`pmpo_policy_loss`).
     """
     a = advantages.detach()
-    pos, neg = a > 0, a < 0
+    pos, neg = a >= 0, a < 0
     zero = torch.zeros_like(logp)
     neg_term = torch.where(neg, logp, zero).sum() / neg.sum().clamp_min(1)
     pos_term = torch.where(pos, logp, zero).sum() / pos.sum().clamp_min(1)

@@ -13,7 +13,7 @@ from typing import Any
 from worldflow.config import Config
 from worldflow.data.dataset import select_episodes
 from worldflow.data.episodes import load_manifest
-from worldflow.errors import DataMismatchError
+from worldflow.errors import DataMismatchError, InputError
 
 __all__ = ["check_datasets", "check_dataset", "check_action_space"]
 
@@ -26,6 +26,11 @@ def check_datasets(data, cfg: Config, clips: dict[str, int], run: str | Path | N
     dataset directories."""
     from worldflow.data.mixture import as_roots, mixture_space
 
+    if cfg.dynamics.num_tasks > 1:
+        # the task embeddings exist (DynamicsModel, AgentHeads take ``task``), but no dataset records a task
+        raise InputError(f"dynamics.num_tasks is {cfg.dynamics.num_tasks}, but worldflow datasets carry no "
+                         f"task ids, so every episode would train as task 0: use dynamics.num_tasks=1 (or "
+                         f"call the models with task= from your own training loop)")
     roots = as_roots(data)
     for root in roots:
         check_dataset(root, cfg, clips)

@@ -134,8 +134,7 @@ def train_imagination(cfg: Config, data, run, resume: bool = True, progress: boo
     model = AgentModel(bc_cfg, run_action_space(run)).to(device)
     model.load_state_dict(bc_model.state_dict())
     model.requires_grad_(False)
-    trainable = set(model.heads.rl_parameters()) if not cfg.agent.train_backbone else set(model.parameters())
-    for p in trainable:
+    for p in model.heads.rl_parameters():
         p.requires_grad_(True)
     prior = frozen_prior(bc_model.heads)
     trainer = Trainer(model, cfg.train_agent, run, "agent", to_dict(bc_cfg), progress=progress)
