@@ -37,8 +37,20 @@ def object_reader(env_id: str | None):
     return None
 
 
+def frame_checker(env_id: str | None):
+    """A function frames (..., S, S, 3) -> bool (...) saying whether each frame is one the env can show
+    (crisp sprites, the right number of each, in legal places), for envs whose sprites can be read
+    (Catch), else None. Evaluation reports the share of valid generated frames (``validity``)."""
+    if env_id == CATCH_ID:
+        from .catch import frame_validity
+
+        return frame_validity
+    return None
+
+
 __all__ = [
     "CATCH_ID",
+    "frame_checker",
     "object_reader",
     "POLICY_KINDS",
     "ActionRepeat",

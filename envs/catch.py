@@ -57,6 +57,51 @@ def read_objects(frames: np.ndarray) -> dict[str, np.ndarray]:
     return {"ball": ball, "paddle": paddle}
 
 
+PALETTE = np.array([[0, 0, 0], BALL_COLOUR, PADDLE_COLOUR], dtype=np.float32)  # background, ball, paddle
+CRISP_TOLERANCE = 48.0  # a cell is crisp when every pixel is within this (max over RGB) of its palette colour
+
+
+def frame_validity(frames: np.ndarray) -> np.ndarray:
+    """Whether each frame is one a real Catch game can show: bool ``(...)`` for frames ``(..., S, S, 3)``
+    (uint8, or float in [0, 1]).
+
+    Valid means all of: every cell is *crisp*, one palette colour (black, ball red or paddle blue) to
+    within ``CRISP_TOLERANCE`` in every pixel, so a faint or smeared sprite fails; exactly one ball cell;
+    no paddle colour off the paddle row; and the paddle row's paddle cells, together with the ball when it
+    sits on the paddle (a catch is drawn over it), form one run of 3 cells. PSNR cannot tell
+    a sharp wrong frame from a blurred average of two right ones; this can.
+    """
+    f = np.asarray(frames, dtype=np.float32)
+    if f.max(initial=0.0) <= 1.0:
+        f = f * 255.0
+    size = f.shape[-2]
+    if f.shape[-3] != size or size % GRID:
+        raise ValueError(f"frame_validity: frames must be square, side divisible by {GRID}; got {f.shape}")
+    c = size // GRID
+    cells = f.reshape(*f.shape[:-3], GRID, c, GRID, c, 3)  # (..., row, y, col, x, 3)
+    # distance of every pixel to each palette colour; a cell takes the colour nearest its mean
+    mean = cells.mean(axis=(-4, -2))  # (..., GRID, GRID, 3)
+    colour = np.abs(mean[..., None, :] - PALETTE).max(-1).argmin(-1)  # (..., GRID, GRID) in {0, 1, 2}
+    target = PALETTE[colour]  # (..., GRID, GRID, 3)
+    dev = np.abs(cells - target[..., :, None, :, None, :]).max(-1)  # (..., row, y, col, x)
+    crisp = (dev <= CRISP_TOLERANCE).all(axis=(-1, -2, -3, -4))
+    ball, paddle = colour == 1, colour == 2
+    one_ball = ball.sum(axis=(-1, -2)) == 1
+    paddle_only_in_its_row = ~np.delete(paddle, PADDLE_ROW, axis=-2).any(axis=(-1, -2))
+    width = 2 * PADDLE_HALF + 1
+    pad = paddle[..., PADDLE_ROW, :]
+    with_ball = pad | ball[..., PADDLE_ROW, :]
+    whole = (pad.sum(-1) == width) & _one_run(pad)  # no ball over the paddle
+    caught = (pad.sum(-1) == width - 1) & (with_ball.sum(-1) == width) & _one_run(with_ball)
+    return crisp & one_ball & paddle_only_in_its_row & (whole | caught)
+
+
+def _one_run(row: np.ndarray) -> np.ndarray:
+    """Whether the True cells of a (..., GRID) bool row are contiguous (one run; an empty row is not)."""
+    starts = row & ~np.concatenate([np.zeros_like(row[..., :1]), row[..., :-1]], axis=-1)
+    return starts.sum(-1) == 1
+
+
 class CatchEnv(gymnasium.Env):
     """Catch the falling balls with a paddle.
 

@@ -455,6 +455,25 @@ def test_pmpo_policy_loss_gradients_only_into_the_policy():
     assert (after - before)[adv > 0].sum() > 0 > (after - before)[adv < 0].sum()
 
 
+def test_pmpo_kl_is_policy_to_prior_not_the_reverse():
+    """The β term is KL[π ‖ π_prior] (Dreamer 4), checked against torch's categorical KL on heads whose two
+    directions differ; with every advantage negative the loss is (1 − α)·mean ln π + β·mean KL exactly."""
+    space = SPACES["discrete"]
+    heads, prior = make_heads(space, seed=0), make_heads(space, seed=1)
+    h, actions = randn(6, 8, seed=5), torch.tensor([0, 1, 2, 0, 1, 2])
+    pi = torch.distributions.Categorical(logits=heads.policy_params(h).float())
+    pr = torch.distributions.Categorical(logits=prior.policy_params(h).float())
+    forward = torch.distributions.kl_divergence(pi, pr)
+    reverse = torch.distributions.kl_divergence(pr, pi)
+    assert (forward - reverse).abs().max() > 1e-3  # the test can tell the directions apart
+    alpha, beta = 0.5, 2.0
+    loss = pmpo_policy_loss(heads, prior, h, actions, -torch.ones(6), alpha, beta)
+    expect = (1 - alpha) * pi.log_prob(actions).mean() + beta * forward.mean()
+    wrong = (1 - alpha) * pi.log_prob(actions).mean() + beta * reverse.mean()
+    torch.testing.assert_close(loss, expect)
+    assert not torch.allclose(loss, wrong)
+
+
 # ---------------------------------------------------------------------------------------------------
 # phase-2 loss normalisation
 
@@ -513,3 +532,60 @@ def test_imagine_aligns_heads_with_states_and_returns_float32_under_bf16():
     for name in ("h", "rewards", "continues", "latents"):
         assert getattr(lo, name).dtype == torch.float32, name
     assert (lo.latents - ref.latents).abs().mean() < 0.05 * ref.latents.abs().mean()
+
+
+def test_phase2_targets_line_up_with_the_frames_that_show_them():
+    """A whole Catch episode as a dataset clip (frame t with the step t -> t+1; the final frame has no
+    step, action_mask False): h_t's reward target is nonzero exactly on the frames that show the ball in
+    the paddle row, positive where it was caught, and the continue target is 'terminated' for the final
+    frame only. Taking r_t instead of r_{t-1}, or terminated shifted, fails here."""
+    from worldflow.envs.catch import PADDLE_ROW, read_objects
+
+    from worldflow.train.agent import arrival_targets
+
+    env = gym.make("worldflow/Catch-v0", size=64, num_balls=3)
+    obs, _ = env.reset(seed=0)  # always moving left, this seed misses two balls and catches one
+    frames, rewards, terms = [obs], [], []
+    done = False
+    while not done:
+        obs, r, term, trunc, _ = env.step(0)
+        frames, rewards, terms = frames + [obs], rewards + [r], terms + [term]
+        done = term or trunc
+    n = len(frames)  # T + 1 frames, T steps; pad the final frame's step as the dataset does
+    t = arrival_targets(torch.tensor([rewards + [0.0]]), torch.tensor([terms + [False]]),
+                        torch.tensor([[True] * (n - 1) + [False]]))
+    ball_in_row = read_objects(np.stack(frames))["ball"][:, PADDLE_ROW].any(-1)  # (T + 1,)
+    reward = t["reward"][0].numpy()
+    assert (reward != 0).tolist() == ball_in_row.tolist() and ball_in_row.sum() == 3
+    assert (reward > 0).any() and (reward < 0).any()  # both outcomes occur in this episode
+    assert not t["reward_mask"][0, 0] and t["reward_mask"][0, 1:].all()
+    # h_{t+1} predicts the end of step t: the final frame's state (index n - 1) is the only terminal one
+    assert t["terminated"][0].tolist() == [False] * (n - 2) + [True] and t["continue_mask"][0].all()
+
+
+def test_imagined_action_a_t_drives_frame_t_plus_1():
+    """imagine(): the action the policy picks at state h_t conditions the *next* frame. Changing only the
+    third action leaves the first two imagined frames bit-identical and changes the third."""
+    from worldflow.agent.model import AgentModel, imagine
+    from worldflow.config import load_config
+
+    cfg = load_config("tiny")
+    model = AgentModel(cfg, gym.spaces.Discrete(3)).eval()
+    ctx = _phase2_batch(cfg, b=2, t=3)
+
+    class Scripted:  # a policy that plays a fixed action sequence, drawing no random numbers
+        def __init__(self, seq):
+            self.seq = iter(seq)
+
+        def __call__(self, h, *args, **kw):
+            a = torch.full((h.shape[0],), next(self.seq), dtype=torch.long)
+            return type("D", (), {"sample": lambda self, g=None: a, "mode": lambda self: a})()
+
+    runs = []
+    for seq in ([0, 0, 0, 0], [0, 0, 2, 0]):
+        model.heads.policy = Scripted(seq)
+        runs.append(imagine(model, ctx, horizon=4, steps=2, generator=gen(3)))
+    a, b = runs
+    assert a.actions[:, 2].tolist() == [0, 0] and b.actions[:, 2].tolist() == [2, 2]
+    assert torch.equal(a.latents[:, :2], b.latents[:, :2])  # frames 1 and 2: before the change
+    assert not torch.allclose(a.latents[:, 2], b.latents[:, 2])  # frame 3 is the one a_2 leads to

@@ -326,3 +326,23 @@ def test_dynamics_loss_trains_on_the_rollouts_context_labels():
                   torch.Generator().manual_seed(0))
     assert not ((seen[0][0] == tau_ctx) & (seen[0][1] == d_min)).all(1).any()
 
+
+
+def test_heun_rollout_of_a_flow_model_uses_trained_labels_and_equals_recompute():
+    """A flow_x model sampled with Heun: every pass carries d = d_min (the only label flow_loss trains),
+    each frame costs 2K − 1 denoising calls, and the cached stream equals full recompute."""
+    m = tiny_model(objective="flow_x", sampler="heun")
+    labels = []
+    m.register_forward_pre_hook(lambda mod, args: labels.append(args[2][:, -1].unique().tolist()))
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, 2, N, D, generator=g)
+    acts = torch.randint(0, 3, (2, 2 + 3), generator=g)
+    outs, calls = [], []
+    for use_cache in (True, False):
+        outs.append(rollout(m, ctx, acts, 3, 4, generator=torch.Generator().manual_seed(1),
+                            use_cache=use_cache))
+        calls.append(len(labels) - sum(calls))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert all(lab == [1 / 8] for lab in labels)  # tiny_cfg: k_max 8
+    # observe, then 3 frames x (2K - 1) calls; commits ride along (cache) or run on their own (recompute)
+    assert calls == [1 + 3 * 7, 1 + 3 * (7 + 1)]

@@ -399,3 +399,38 @@ def test_a_module_qualified_id_imports_the_users_module(tmp_path, monkeypatch):
     assert obs.shape == (8, 8, 3) and obs.dtype == np.uint8 and int(obs[0, 0, 0]) == 200
     with pytest.raises(InputError, match="cannot import its module 'no_such_pkg_xyz'"):
         make_env("no_such_pkg_xyz:Thing-v0")
+
+
+def test_catch_frame_validity_accepts_every_real_frame_and_rejects_what_a_game_cannot_show():
+    from worldflow.envs import frame_checker
+    from worldflow.envs.catch import BALL_COLOUR, GRID, PADDLE_ROW
+
+    valid = frame_checker("worldflow/Catch-v0")
+    assert frame_checker("CartPole-v1") is None
+    env = gymnasium.make("worldflow/Catch-v0", size=64)
+    frames, caught = [], 0
+    for seed in range(6):
+        obs, _ = env.reset(seed=seed)
+        env.action_space.seed(seed)
+        frames.append(obs)
+        done = False
+        while not done:
+            policy = env.unwrapped.expert_action() if seed % 2 else env.action_space.sample()
+            obs, reward, term, trunc, _ = env.step(policy)
+            frames.append(obs)
+            caught += reward > 0
+            done = term or trunc
+    f = np.stack(frames)
+    assert caught > 0 and valid(f).all() and valid(f.astype(np.float32) / 255).all()  # caught balls too
+    cell = 64 // GRID
+    two_balls = f[:1].copy()
+    two_balls[0, :cell, :cell] = BALL_COLOUR  # a second ball (the first frame's ball is on row 0 too)
+    two_balls[0, :cell, cell:2 * cell] = BALL_COLOUR
+    faint = f[:1].copy()
+    faint[faint == 255] = 128  # a half-bright ball: a smear, not a sprite
+    no_paddle = f[:1].copy()
+    no_paddle[0, PADDLE_ROW * cell:] = 0
+    blend = ((f[:-1].astype(np.float32) + f[1:]) / 2).astype(np.uint8)  # the mean of two futures
+    for bad in (two_balls, faint, no_paddle, np.zeros((1, 64, 64, 3), np.uint8)):
+        assert not valid(bad).any()
+    assert valid(blend).mean() < 0.05  # only where consecutive frames are equal

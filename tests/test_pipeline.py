@@ -60,7 +60,13 @@ def test_eval_rollout_schema(tiny_run, tiny_data, tmp_path):
         for base in ("baseline_copy_last", "shuffled_actions"):
             assert set(res[base][key]) == {"1", "2", "4"}
     assert res["steps"] == 2 and res["frames_per_second"] > 0
+    assert res["sampler"] == "euler" and res["network_evaluations"] == 2
     assert set(res["steps_sweep"]) == {"1", "2"}
+    # sample quality per K: the Fréchet distance, and on Catch the share of frames a real game can show
+    assert set(res["steps_sweep_frechet"]) == set(res["steps_sweep_validity"]) == {"1", "2"}
+    assert all(v >= 0 for v in res["steps_sweep_frechet"].values())
+    assert set(res["validity"]) == {"1", "2", "4"} and all(0 <= v <= 1 for v in res["validity"].values())
+    assert res["steps_sweep_validity"]["2"] == pytest.approx(sum(res["validity"].values()) / 3)
     # a fixed seed gives the same rollout: the sweep's K = --steps entry is the main result's mean PSNR
     assert res["steps_sweep"]["2"] == pytest.approx(sum(res["psnr"].values()) / 3, rel=1e-6)
     # Catch sprites are read off the pixels: object accuracy per horizon, for the model and both baselines
@@ -72,6 +78,17 @@ def test_eval_rollout_schema(tiny_run, tiny_data, tmp_path):
     for name in ("rollout.mp4", "rollout.gif", "psnr_vs_horizon.png", "ssim_vs_horizon.png",
                  "psnr_vs_steps.png", "objects_vs_horizon.png"):
         assert (media / name).exists(), name
+
+
+def test_eval_with_heun(tiny_run, tiny_data, tmp_path):
+    """--sampler heun replaces the run's sampler for the evaluation: 2K - 1 model calls a frame."""
+    out = tmp_path / "heun.json"
+    assert main(["eval", "--run", str(tiny_run), "--data", str(tiny_data), "--context", "2",
+                 "--horizons", "1,2", "--steps", "2", "--clips", "2", "--sampler", "heun",
+                 "--out", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["sampler"] == "heun" and res["network_evaluations"] == 3
+    assert all(v is not None for v in res["psnr"].values())
 
 
 def test_eval_agent_in_real_env(tiny_run, tmp_path):

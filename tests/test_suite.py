@@ -36,6 +36,7 @@ def test_suite_runs_catch_and_imported_video_and_names_what_it_skips(tmp_path, m
         assert r["copy_last_pooled_h1"] <= r["copy_last_h1"] + 1e-4  # pooled never above the per-clip mean
     assert math.isfinite(rows["catch"]["shuffled_psnr"]) and rows["video"]["shuffled_psnr"] is None
     assert set(rows["catch"]["objects"]) >= {"ball"}
+    assert 0 <= rows["catch"]["validity"] <= 1 and rows["video"]["validity"] is None
     assert rows["nothere"]["skipped"] == "needs no_such_module_xyz: pip install -e .[nothere]"
     md = out.with_suffix(".md").read_text()
     assert md.count("\n| ") >= 4 and "| nothere | needs no_such_module_xyz" in md

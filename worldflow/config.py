@@ -120,6 +120,7 @@ class DynamicsConfig:
     long_every: int = 0  # every N-th batch uses clips of long_len frames (0 = never)
     long_len: int = 32  # frames per clip of the long batches (long_every)
     steps: int = 4  # default sampling steps K at inference
+    sampler: Literal["euler", "heun"] = "euler"  # sampler at inference (heun: 2K - 1 calls per frame)
 
 
 @dataclass(frozen=True)

@@ -363,25 +363,67 @@ def as_x_prediction(model_fn: ModelFn, prediction: str) -> ModelFn:
     return lambda z, tau, d, **cond: v_to_x(model_fn(z, tau, d, **cond), z, tau)
 
 
+def as_sampler_fn(model_fn: ModelFn, objective: str, k_max: int) -> ModelFn:
+    """A trained model as the samplers call it: returns ẑ1 and sees only step labels it was trained with.
+
+    A shortcut model is conditioned on the step it takes (d = 1/K). A plain flow model (flow_x, flow_v)
+    only ever saw d = d_min in training (:func:`flow_loss`), so it gets d_min whatever the step size;
+    feeding it d = 1/K would hand it an embedding that never trained.
+    """
+    fn = as_x_prediction(model_fn, prediction_of(objective))
+    if objective == "shortcut":
+        return fn
+    return lambda z, tau, d, **cond: fn(z, tau, torch.full_like(d, 1.0 / k_max), **cond)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sampling
 
 
+SAMPLERS = ("euler", "heun")
+
+
+def check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+
+
+def network_evaluations(steps: int, sampler: str = "euler") -> int:
+    """Model calls to denoise one frame: K for Euler, 2K − 1 for Heun (its last step is an Euler step)."""
+    check_sampler(sampler)
+    return steps if sampler == "euler" else 2 * steps - 1
+
+
 def denoise(
-    model_fn: ModelFn, z: Tensor, steps: int, k_max: int | None = None, lead: int = 2, **cond
+    model_fn: ModelFn, z: Tensor, steps: int, k_max: int | None = None, lead: int = 2,
+    sampler: str = "euler", **cond,
 ) -> Tensor:
-    """K x-space Euler steps from pure noise ``z`` (τ = 0) to clean latents (τ = 1), d = 1/K.
+    """K steps from pure noise ``z`` (τ = 0) to clean latents (τ = 1), d = 1/K.
 
     z: noise with ``lead`` leading per-frame dims, e.g. (B, T, ...) for lead=2 — a whole sequence at a
     common level, or (B, 1, ...) for one frame of an autoregressive rollout whose ``model_fn`` closes over
     the KV cache. Step k feeds τ = k/K; the last step (τ = 1 − d) returns ẑ1 exactly. Returns z's shape.
+
+    ``sampler``: ``euler`` (x-space Euler, one call a step) or ``heun`` (Heun's second-order method on
+    the velocity v = (ẑ1 − z)/(1 − τ): an Euler predictor to τ + d, the velocity there, and the average
+    of the two slopes; 2 calls a step). Heun's last step is the Euler step: its corrector would need the
+    velocity at τ = 1, where 1 − τ = 0 (as in Karras et al. 2022, Alg. 1). So K Heun steps cost 2K − 1
+    calls (:func:`network_evaluations`).
     """
     check_steps(steps, k_max)
+    check_sampler(sampler)
     per_frame = z.shape[:lead]
     d = torch.full(per_frame, 1.0 / steps, device=z.device)
     for k in range(steps):
         tau = torch.full(per_frame, k / steps, device=z.device)
-        z = euler_step(z, model_fn(z, tau, d, **cond), tau, d)
+        x_hat = model_fn(z, tau, d, **cond)
+        if sampler == "euler" or k == steps - 1:
+            z = euler_step(z, x_hat, tau, d)
+            continue
+        v1 = x_to_v(x_hat, z, tau)
+        z_pred = z + _bcast(d, z) * v1
+        v2 = x_to_v(model_fn(z_pred, tau + d, d, **cond), z_pred, tau + d)
+        z = z + _bcast(d, z) * (v1 + v2) / 2
     return z
 
 
@@ -394,8 +436,9 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     lead: int = 2,
+    sampler: str = "euler",
     **cond,
 ) -> Tensor:
     """Draw z0 ~ N(0, I) of ``shape`` and :func:`denoise` it in ``steps`` steps; returns ``shape``."""
     z = rng.randn(shape, generator, device, dtype)
-    return denoise(model_fn, z, steps, k_max, lead, **cond)
+    return denoise(model_fn, z, steps, k_max, lead, sampler, **cond)

@@ -117,6 +117,7 @@ def eval_row(cfg: Config, run: Path, data: Path, out: Path, progress: bool = Fal
         frechet_last=ev["frechet_matched"].get(100),
         frechet_floor_last=(ev.get("frechet_real_floor") or {}).get(100),
         objects={k: _mean({h: v[h] for h in psnr}) for k, v in ev.get("objects", {}).items()} or None,
+        validity=_mean({h: v for h, v in (ev.get("validity") or {}).items() if h in psnr}),
         truth_horizon=ev["truth_horizon"])
 
 
@@ -151,7 +152,10 @@ def markdown_row(r: dict[str, Any]) -> str:
     """One table row: PSNR means over h 1..16 (dB), then the ceiling at h 1, Fréchet, minutes."""
     if "skipped" in r or "error" in r:
         return f"| {r['member']} | {r.get('skipped') or r.get('error')} ||||||||| "
-    objects = ", ".join(f"{k} {v:.0%}" for k, v in (r.get("objects") or {}).items()) or "–"
+    objects = [f"{k} {v:.0%}" for k, v in (r.get("objects") or {}).items()]
+    if r.get("validity") is not None:  # share of generated frames a real game can show
+        objects.append(f"valid {r['validity']:.0%}")
+    objects = ", ".join(objects) or "–"
     return (f"| {r['member']} | {_f(r['model_psnr'])} | {_f(r['copy_last_psnr'])} | {_f(r['shuffled_psnr'])} "
             f"| {_f(r['ceiling_psnr'])} | {_f(r['ceiling_h1'])} / {_f(r['copy_last_h1'])} "
             f"| {_f(r.get('ceiling_pooled_h1'))} / {_f(r.get('copy_last_pooled_h1'))} "

@@ -19,8 +19,9 @@ from worldflow.dynamics.model import DynamicsModel
 class RolloutStream:
     """Autoregressive generation one frame at a time, with a bounded KV cache (or full recompute).
 
-    ``observe`` commits given frames as context; ``imagine`` generates the next frame in K x-space Euler
-    steps (``commit=False`` passes over the cache) and then commits it. A committed frame is fed at the
+    ``observe`` commits given frames as context; ``imagine`` generates the next frame in K steps of the
+    model's ``cfg.sampler`` (``commit=False`` passes over the cache; :func:`flow.denoise`) and then
+    commits it. A committed frame is fed at the
     context level τ_ctx = ``context_signal`` snapped to the K_max grid, corrupted with fresh noise and
     labelled (τ_ctx, d_min) — a label the model saw in training (flow rows). With ``cfg.context_noise``
     False the clean latents are fed, labelled τ = 1 − 1/K_max: the highest level on the training grid (τ = 1
@@ -141,8 +142,8 @@ class RolloutStream:
         def fn(z, tau, d):
             return self._run(z, tau, d, actions, action_mask, commit=False)[0]
 
-        fn = flow.as_x_prediction(fn, flow.prediction_of(m.cfg.objective))
-        z = flow.denoise(fn, self.noise(shape), steps, m.cfg.k_max)
+        fn = flow.as_sampler_fn(fn, m.cfg.objective, m.cfg.k_max)
+        z = flow.denoise(fn, self.noise(shape), steps, m.cfg.k_max, sampler=m.cfg.sampler)
         if defer_commit and self.cache is not None:
             self.pending = self._context_inputs(z, actions, action_mask)  # noise drawn now, as observe would
             return z, None

@@ -19,6 +19,8 @@ from worldflow.data.pixels import to_unit
 # frames (..., S, S, 3) uint8 or float [0, 1] -> {object name: bool cell grid (..., rows, cols)}; an env's
 # reader (worldflow.envs.object_reader) scores where the objects are, which PSNR does not
 ObjectReader = Callable[[np.ndarray], dict[str, np.ndarray]]
+# a frame checker (worldflow.envs.frame_checker): frames (..., H, W, 3) -> bool (...), "the env can show it"
+FrameChecker = Callable[[np.ndarray], np.ndarray]
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, max_val: float = 1.0, eps: float = 1e-10) -> torch.Tensor:

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -84,6 +85,7 @@ from worldflow.dynamics.model import DynamicsModel
 from worldflow.dynamics.rollout import rollout_stream
 from worldflow.errors import InputError
 from worldflow.eval.metrics import (
+    FrameChecker,
     GaussianMoments,
     ObjectReader,
     Reservoir,
@@ -141,6 +143,7 @@ class Scores:
     psnr: dict[int, float | None]
     ssim: dict[int, float | None]
     objects: dict[str, dict[int, float | None]] | None = None
+    validity: dict[int, float | None] | None = None  # share of clips whose frame at h is a valid frame
     psnr_pooled: dict[int, float | None] | None = None  # PSNR of the mean MSE over clips (pooled_psnr)
     moments: dict[int, GaussianMoments] | None = None
     samples: dict[int, Reservoir] | None = None  # per window, a uniform subsample of its features
@@ -157,6 +160,8 @@ class Scores:
         out: dict[str, Any] = {"psnr": self.psnr, "psnr_pooled": self.psnr_pooled, "ssim": self.ssim}
         if self.objects is not None:
             out["objects"] = self.objects
+        if self.validity is not None:
+            out["validity"] = self.validity
         return out
 
 
@@ -198,8 +203,9 @@ class RolloutEvaluator:
 
     def __init__(self, tok: CausalTokenizer, bank: ClipBank, cfg: Config, device: torch.device,
                  context: int, horizon: int, clips: int = 32, seed: int = 0,
-                 reader: ObjectReader | None = None):
+                 reader: ObjectReader | None = None, checker: FrameChecker | None = None):
         self.tok, self.cfg, self.device, self.reader = tok, cfg, device, reader
+        self.checker = checker  # frames -> bool per frame: a frame the env can show (validity)
         self.bank, self.context, self.horizon, self.seed = bank, context, horizon, seed
         self.window = min(context + horizon, truth_window(bank.lengths, context))
         self.truth_horizon = self.window - context  # horizons 1..truth_horizon have a real frame
@@ -255,7 +261,8 @@ class RolloutEvaluator:
         Memory is constant in H (moments are O(D^2) per window)."""
         hs = sorted(set(horizons))
         out = Scores({h: None for h in hs}, {h: None for h in hs},
-                     objects=None if self.reader is None else {})
+                     objects=None if self.reader is None else {},
+                     validity=None if self.checker is None else {h: None for h in hs})
         dim = 2 * self.tok.cfg.latent_dim
         moments = {h: GaussianMoments(dim) for h in hs} if frechet else None
         # a subsample the size of the floor's real sample: the like-for-like distance (frechet_matched)
@@ -271,6 +278,8 @@ class RolloutEvaluator:
             out.frames += pred.shape[0]
             if h in out.psnr and h <= self.truth_horizon:
                 self._score_step(out, h, pred, self.truth_at(h))
+            if out.validity is not None and h in out.validity:  # needs no truth: every horizon
+                out.validity[h] = float(self.checker(pred.cpu().numpy()).mean())
             if moments is not None and h <= hs[-1]:  # into the window (previous horizon, next horizon]
                 feats, window = frame_features(self.tok, pred), hs[bisect.bisect_left(hs, h)]
                 moments[window].add(feats)
@@ -398,19 +407,22 @@ def _mean_over(m: dict[int, float | None], horizons: Sequence[int]) -> float | N
 
 
 def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: int, clips: int,
-                     seed: int = 0, progress: bool = True, steps: Sequence[int] = ()
-                     ) -> tuple[DynamicsModel, RolloutEvaluator]:
+                     seed: int = 0, progress: bool = True, steps: Sequence[int] = (),
+                     sampler: str | None = None) -> tuple[DynamicsModel, RolloutEvaluator]:
     """A run's dynamics model (eval mode) and a :class:`RolloutEvaluator` over held-out clips of ``data``.
 
     Any horizon is allowed (past the held-out truth the rollout continues unscored, see the module
     docstring). InputError (naming the flag) if ``context`` exceeds the frames the model was trained on or
     the longest held-out episode, or if one of the sampling ``steps`` K is finer than the model's grid
-    (K > k_max)."""
+    (K > k_max). ``sampler`` (euler | heun) replaces the model's ``dynamics.sampler`` for these rollouts."""
     from worldflow.distributed import device_of
     from worldflow.run import Run, latent_bank
 
     r = Run(run)
     model, cfg = r.dynamics()  # the config its checkpoint was trained with
+    if sampler is not None:
+        flow.check_sampler(sampler)
+        model.cfg = dataclasses.replace(model.cfg, sampler=sampler)  # what RolloutStream reads
     device = device_of(cfg)
     model.to(device)
     tok, _ = r.tokenizer(device)
@@ -426,7 +438,7 @@ def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: i
                          f"{longest}: lower --context")
     bank = with_frames(latent_bank(run, data, cfg, "heldout", tok, progress), data, cfg, progress)
     ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips, seed=seed,
-                          reader=reader_of(data))
+                          reader=reader_of(data), checker=checker_of(data))
     return model, ev
 
 
@@ -436,15 +448,17 @@ def is_action_free(model: DynamicsModel) -> bool:
 
 
 def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons: list[int], steps: int,
-                      steps_sweep: list[int] | None, clips: int, out_dir: Path, progress: bool = True
-                      ) -> dict[str, Any]:
+                      steps_sweep: list[int] | None, clips: int, out_dir: Path, progress: bool = True,
+                      sampler: str | None = None) -> dict[str, Any]:
     """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model."""
     model, ev = heldout_rollouts(run, data, context, max(horizons), clips, progress=progress,
-                                 steps=[steps, *(steps_sweep or [])])
+                                 steps=[steps, *(steps_sweep or [])], sampler=sampler)
+    frechet = ev.frechet  # per K below
     main = ev.score(model, steps, horizons, frechet=True, video=min(ev.horizon, VIDEO_FRAMES),
                     progress=progress)
-    res: dict[str, Any] = {"steps": steps, "context": context, "clips": ev.clips,
-                           "truth_horizon": ev.truth_horizon}
+    res: dict[str, Any] = {"steps": steps, "sampler": model.cfg.sampler,
+                           "network_evaluations": flow.network_evaluations(steps, model.cfg.sampler),
+                           "context": context, "clips": ev.clips, "truth_horizon": ev.truth_horizon}
     res.update(main.metrics())
     fr = ev.frechet(main)
     res.update(frechet=fr.distance, frechet_real_floor=fr.floor, frechet_samples=fr.samples,
@@ -460,9 +474,13 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     res["fvd"] = None  # absent: needs local I3D weights
     if steps_sweep:
         # the same seed gives the same rollout, so K = steps is not generated a second time
-        sweep = {k: main if k == steps else ev.score(model, k, horizons, progress=progress)
+        sweep = {k: main if k == steps else ev.score(model, k, horizons, frechet=True, progress=progress)
                  for k in steps_sweep}
         res["steps_sweep"] = {k: _mean_over(r.psnr, horizons) for k, r in sweep.items()}
+        # the distribution per K: mean over the horizon windows of each window's Fréchet distance
+        res["steps_sweep_frechet"] = {k: _mean_over(frechet(r).distance, horizons) for k, r in sweep.items()}
+        if ev.checker is not None:
+            res["steps_sweep_validity"] = {k: _mean_over(r.validity, horizons) for k, r in sweep.items()}
         if ev.reader is not None:
             res["steps_sweep_objects"] = {k: {o: _mean_over(m, horizons) for o, m in r.objects.items()}
                                           for k, r in sweep.items()}
@@ -476,6 +494,13 @@ def reader_of(data: str | Path) -> ObjectReader | None:
     from worldflow.envs import object_reader
 
     return object_reader(load_manifest(data).get("env_id"))
+
+
+def checker_of(data: str | Path) -> FrameChecker | None:
+    """The frame-validity check of the dataset's env (worldflow.envs.frame_checker), or None."""
+    from worldflow.envs import frame_checker
+
+    return frame_checker(load_manifest(data).get("env_id"))
 
 
 def with_frames(bank: ClipBank, data, cfg: Config, progress: bool) -> ClipBank:
@@ -594,7 +619,8 @@ def main(args: argparse.Namespace) -> int:
         if args.data is None:
             raise SystemExit("worldflow eval: --data is required for rollout evaluation")
         res = evaluate_dynamics(args.run, args.data, args.context, args.horizons, args.steps,
-                                args.steps_sweep, args.clips, media, progress=not args.no_progress)
+                                args.steps_sweep, args.clips, media, progress=not args.no_progress,
+                                sampler=args.sampler)
     atomic_write_text(out, json.dumps(res, indent=2))
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=None))
     print(f"wrote {out}")
@@ -613,6 +639,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=power_of_two, default=4, help="sampling steps K per frame")
     p.add_argument("--steps-sweep", type=_powers_of_two, default=None,
                    help="also score these K, e.g. 1,2,4,8,16,32,64")
+    p.add_argument("--sampler", choices=flow.SAMPLERS, default=None,
+                   help="euler (one model call a step) or heun (2K - 1 calls a frame); default: the run's "
+                        "dynamics.sampler")
     p.add_argument("--clips", type=positive_int, default=32, help="held-out clips to score")
     p.add_argument("--tokenizer-only", action="store_true", help="only tokenizer reconstruction PSNR/SSIM")
     p.add_argument("--env", help="evaluate the agent in this real env (policy/bc/random/expert return)")

@@ -55,6 +55,21 @@ def _sample(bank: ClipBank, batch: int, length: int, gen: torch.Generator, devic
     return {k: v.to(device) for k, v in bank.sample(batch, length, gen).items()}
 
 
+def arrival_targets(rewards: torch.Tensor, terminated: torch.Tensor, action_mask: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """Phase 2's reward and continue targets for the states h_t of a clip, each seen on arrival.
+
+    A clip's rewards, terminated and action_mask (B, T) are dataset-aligned: entry t belongs to the step
+    from frame t to frame t + 1. The state h_t is read at frame t, the frame that *shows* the outcome of
+    the step before it, so its reward target is r_{t−1} (``reward`` (B, T), frame 0 none: ``reward_mask``
+    False there), and h_{t+1} predicts whether step t ended the episode (``terminated``,
+    ``continue_mask`` (B, T − 1), for h_1 … h_{T−1}).
+    """
+    shift = lambda x: torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    return {"reward": shift(rewards), "reward_mask": shift(action_mask),
+            "terminated": terminated[:, :-1], "continue_mask": action_mask[:, :-1]}
+
+
 def bc_losses(model: AgentModel, b: dict[str, torch.Tensor], cfg: Config, gen: torch.Generator
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Phase 2 loss on a clip batch: dynamics objective + BC/reward (multi-token) + continue."""
@@ -63,11 +78,9 @@ def bc_losses(model: AgentModel, b: dict[str, torch.Tensor], cfg: Config, gen: t
     h = model.context_features(b["latents"], b["actions"], b["action_mask"], gen)
     heads = model.heads
     acts = values_to_indices(heads.spec.space, b["actions"])
-    # reward on arrival: h_t's reward target is r_{t-1}; frame 0 has none
-    rew = torch.cat([torch.zeros_like(b["rewards"][:, :1]), b["rewards"][:, :-1]], dim=1)
-    rew_mask = torch.cat([torch.zeros_like(b["action_mask"][:, :1]), b["action_mask"][:, :-1]], dim=1)
-    mtp = bc_mtp_loss(heads, h, acts, b["action_mask"], rew, reward_mask=rew_mask)
-    cont = continue_loss(heads.continue_logit(h[:, 1:]), b["terminated"][:, :-1], b["action_mask"][:, :-1])
+    t = arrival_targets(b["rewards"], b["terminated"], b["action_mask"])
+    mtp = bc_mtp_loss(heads, h, acts, b["action_mask"], t["reward"], reward_mask=t["reward_mask"])
+    cont = continue_loss(heads.continue_logit(h[:, 1:]), t["terminated"], t["continue_mask"])
     raw = {"dynamics": dyn_loss, "bc": mtp.bc, "reward": mtp.reward, "continue": cont}
     loss = sum(phase2_weighted(model, raw, cfg.agent.loss_norm).values())
     logs = {k: v.detach() for k, v in raw.items()}
