@@ -17,6 +17,7 @@ from worldflow.dynamics import (
     rollout,
     shift_actions,
 )
+from worldflow.errors import InputError
 
 N, D = 4, 3  # latent tokens, latent dim
 
@@ -346,3 +347,27 @@ def test_heun_rollout_of_a_flow_model_uses_trained_labels_and_equals_recompute()
     assert all(lab == [1 / 8] for lab in labels)  # tiny_cfg: k_max 8
     # observe, then 3 frames x (2K - 1) calls; commits ride along (cache) or run on their own (recompute)
     assert calls == [1 + 3 * 7, 1 + 3 * (7 + 1)]
+
+
+def test_bootstrap_targets_come_from_the_ema_weights_when_asked():
+    """dynamics.ema_targets: the half steps run with the averaged weights (functional_call), the x̂ pass
+    with the trained ones; equal weights give the plain loss, different ones a different loss."""
+    cfg = dict(single_frame_fraction=0.0, bootstrap_fraction=1.0, ema=0.5)
+    z, acts = torch.randn(4, 3, N, D), torch.randint(0, 3, (4, 3))
+
+    def loss(model, **kw):
+        return dynamics_loss(model, z, acts, None, tiny_cfg(**cfg, **kw), torch.Generator().manual_seed(0))[0]
+
+    m = tiny_model(**cfg, ema_targets=True)
+    plain = tiny_model(**cfg)
+    plain.load_state_dict(m.state_dict())
+    torch.testing.assert_close(loss(m, ema_targets=True), loss(plain))  # EMA == weights at the start
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with_ema = loss(m, ema_targets=True)
+    assert not torch.allclose(with_ema, loss(m))  # the same weights with their own targets
+    with_ema.backward()
+    assert all(b.grad is None for b in m.ema.buffers())  # targets are constants
+    with pytest.raises(InputError, match="ema_targets needs dynamics.ema > 0"):
+        tiny_model(ema_targets=True)

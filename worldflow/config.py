@@ -121,6 +121,10 @@ class DynamicsConfig:
     long_len: int = 32  # frames per clip of the long batches (long_every)
     steps: int = 4  # default sampling steps K at inference
     sampler: Literal["euler", "heun"] = "euler"  # sampler at inference (heun: 2K - 1 calls per frame)
+    # EMA decay of the weights (0 = off; e.g. 0.999). With it the dynamics checkpoint samples with the
+    # average (worldflow eval / rollout); the agent phases fine-tune and use the trained weights
+    ema: float = 0.0
+    ema_targets: bool = False  # the shortcut bootstrap targets come from the EMA weights (needs ema > 0)
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,7 @@ def shortcut_forcing_loss(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     run_bootstrap: bool | None = None,
+    target_fn: ModelFn | None = None,
     **cond,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Shortcut forcing with x-prediction (Dreamer 4 eq. 6–8).
@@ -264,7 +265,8 @@ def shortcut_forcing_loss(
     whose batch is a slice of a global batch passes the global batch's answer, so every process makes the
     same model calls (FSDP2 gathers parameters per call). An empty batch gives a zero loss, not NaN.
     Returns (loss, terms) with detached diagnostics: ``flow`` and ``bootstrap`` (mean weighted term over
-    frames of that kind, 0 if none) and ``bootstrap_frac``.
+    frames of that kind, 0 if none) and ``bootstrap_frac``. ``target_fn`` (default ``model_fn``) computes
+    the two half steps of the bootstrap target, e.g. the model with its EMA weights (Shortcut Models).
     """
     z0 = _noise(z1, noise, generator)
     z_t = corrupt(z1, z0, tau)
@@ -276,7 +278,7 @@ def shortcut_forcing_loss(
     if boot.any() if run_bootstrap is None else run_bootstrap:
         rows = boot.any(dim=1).nonzero().squeeze(1)
         zr, tr, dr, br = z_t[rows], tau[rows], d[rows], boot[rows]
-        target = bootstrap_target(model_fn, zr, tr, dr, br, **_slice_cond(cond, rows))
+        target = bootstrap_target(target_fn or model_fn, zr, tr, dr, br, **_slice_cond(cond, rows))
         v_hat = x_to_v(x_hat[rows], zr, tr)
         boot_term = w[rows] * (1 - tr) ** 2 * _frame_mse(v_hat, target)
         per_frame = per_frame.index_put((rows,), torch.where(br, boot_term, per_frame[rows]))
@@ -344,13 +346,14 @@ def objective_loss(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     run_bootstrap: bool | None = None,
+    target_fn: ModelFn | None = None,
     **cond,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Dispatch on ``objective`` (shortcut | flow_x | flow_v); flow objectives ignore ``d`` (use d_min)
-    and ``run_bootstrap`` (see :func:`shortcut_forcing_loss`)."""
+    """Dispatch on ``objective`` (shortcut | flow_x | flow_v); flow objectives ignore ``d`` (use d_min),
+    ``run_bootstrap`` and ``target_fn`` (see :func:`shortcut_forcing_loss`)."""
     if objective == "shortcut":
         return shortcut_forcing_loss(model_fn, z1, tau, d, k_max, ramp, noise, generator, run_bootstrap,
-                                     **cond)
+                                     target_fn, **cond)
     return flow_loss(model_fn, z1, tau, k_max, prediction_of(objective), ramp, noise, generator, **cond)
 
 

@@ -145,6 +145,8 @@ def load_dynamics(run: str | Path, action_space: gym.Space, device: torch.device
     cfg = phase_config(run, DYNAMICS)
     model = build_dynamics(cfg, action_space)
     load_weights(model, phase_checkpoint(run, DYNAMICS))
+    if model.ema is not None:  # dynamics.ema: sample with the averaged weights
+        model.ema.copy_to(model)
     return model.to(device).eval(), cfg
 
 

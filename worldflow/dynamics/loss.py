@@ -21,10 +21,13 @@ from worldflow.dynamics.model import DynamicsModel
 # Training
 
 
-def _model_fn(model: DynamicsModel) -> flow.ModelFn:
-    """The model as a flow model function; conditioning comes in as keyword arguments (sliced by flow)."""
+def _model_fn(model: DynamicsModel, weights: dict[str, Tensor] | None = None) -> flow.ModelFn:
+    """The model as a flow model function; conditioning comes in as keyword arguments (sliced by flow).
+    ``weights``: run it with these parameters instead (its EMA weights), via torch.func.functional_call."""
 
     def fn(z, tau, d, actions=None, action_mask=None, task=None):
+        if weights is not None:
+            return torch.func.functional_call(model, weights, (z, tau, d, actions, action_mask, task))[0]
         return model(z, tau, d, actions, action_mask, task)[0]
 
     return fn
@@ -79,6 +82,8 @@ def dynamics_loss(
                       None if task is None else task[sl]))
 
     fn = _model_fn(model)
+    # Shortcut Models take the bootstrap targets from the EMA weights (dynamics.ema_targets)
+    target_fn = _model_fn(model, model.ema.params()) if cfg.ema_targets and model.ema is not None else None
     boot_frac = cfg.bootstrap_fraction if cfg.objective == "shortcut" else 0.0
     loss, terms = latents.new_zeros(()), {}
     frames = {"flow": 0, "bootstrap": 0}  # frame counts of each kind, to average the diagnostics
@@ -97,7 +102,7 @@ def dynamics_loss(
         # a part whose rows all sit in other processes still runs (on zero rows, loss 0) for the same reason
         part, pt = flow.objective_loss(
             cfg.objective, fn, z1, tau, d, cfg.k_max, cfg.ramp_weight, noise, generator, run_boot,
-            actions=acts, action_mask=mask, task=tk,
+            target_fn, actions=acts, action_mask=mask, task=tk,
         )  # fmt: skip
         loss = loss + part * (items / b)
         if items:

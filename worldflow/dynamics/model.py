@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from worldflow import flow
 from worldflow.config import Config, DynamicsConfig
 from worldflow.dynamics.actions import ActionEncoder, Actions, init_small
+from worldflow.errors import InputError
 from worldflow.nn import KVCache, SpaceTimeTransformer
+from worldflow.nn.ema import EMAWeights
 
 # ---------------------------------------------------------------------------------------------------
 # Model
@@ -76,6 +78,15 @@ class DynamicsModel(nn.Module):
         self.apply(init_small)
         self.backbone = SpaceTimeTransformer(cfg.transformer)  # initialises itself
         self.register_buffer("spatial_mask", self._spatial_mask(), persistent=False)
+        if cfg.ema_targets and cfg.ema <= 0:
+            raise InputError("dynamics.ema_targets needs dynamics.ema > 0 (e.g. dynamics.ema=0.999)")
+        # last, so it averages every parameter; buffers, so checkpoints and resume carry it
+        self.ema = EMAWeights(self, cfg.ema) if cfg.ema > 0 else None
+
+    def after_step(self) -> None:
+        """Called by the trainer after each optimiser step: update the EMA weights (if any)."""
+        if self.ema is not None:
+            self.ema.update(self)
 
     def _spatial_mask(self) -> Tensor:
         """(S, S) bool, True = query may attend key: agent tokens see all, nothing sees agent tokens."""

@@ -11,6 +11,7 @@ way). Several ``--data`` are drawn as one (worldflow.data.mixture); held-out rol
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from worldflow.data.checks import check_datasets
 from worldflow.distributed import device_of
 from worldflow.dynamics import DynamicsModel, dynamics_loss
 from worldflow.dynamics.model import build_dynamics
+from worldflow.errors import InputError
 from worldflow.run import action_space_of, latent_bank, latent_mixture, start_phase
 from worldflow.train.trainer import Trainer
 
@@ -37,6 +39,9 @@ def train(cfg: Config, data, run: str | Path, resume: bool = True, progress: boo
     # The tokenizer fixes the latent shape and frame size: the dynamics model must agree with it.
     cfg = derive(cfg, tokenizer=tok_cfg.tokenizer, **{"data.size": tok_cfg.data.size})
     dyn = cfg.dynamics
+    if dyn.ema > 0 and cfg.train_dynamics.fsdp:
+        raise InputError("dynamics.ema keeps a whole copy of the weights beside them and cannot follow "
+                         "FSDP2 shards: train with train_dynamics.fsdp=false (DDP) or dynamics.ema=0")
     roots = check_datasets(data, cfg, {"data.clip_len": cfg.data.clip_len,
                                        **({"dynamics.long_len": dyn.long_len} if dyn.long_every > 0 else {})},
                            run)
@@ -67,6 +72,10 @@ def train(cfg: Config, data, run: str | Path, resume: bool = True, progress: boo
         return dynamics_loss(m, b["latents"], b["actions"], b["action_mask"], dyn, gen)
 
     def eval_fn(step: int) -> dict[str, float]:
-        return evaluator.quick(model, step, Path(run) / PHASE / "media")
+        scored = model
+        if model.ema is not None:  # score what the checkpoint will sample with: the EMA weights
+            scored = copy.deepcopy(model)
+            scored.ema.copy_to(scored)
+        return evaluator.quick(scored, step, Path(run) / PHASE / "media")
 
     return trainer.fit(batch_fn, loss_fn, eval_fn, resume=resume)

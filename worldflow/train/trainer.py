@@ -251,6 +251,9 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         gnorm = distributed.clip_grad_norm(params, self.cfg.grad_clip) if self.cfg.grad_clip > 0 else None
         self.opt.step()
+        after_step = getattr(self.model, "after_step", None)  # e.g. DynamicsModel's EMA update
+        if callable(after_step):
+            after_step()
         self.step += 1
         out = {"loss": out.pop("loss"), "lr": self.opt.param_groups[0]["lr"], **out}
         if gnorm is not None:
