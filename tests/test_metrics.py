@@ -139,3 +139,23 @@ def test_reservoir_is_a_uniform_seeded_subsample_of_the_stream():
     other = Reservoir(cap, 1, torch.Generator().manual_seed(5))
     other.add(stream)
     assert torch.equal(again.rows, other.rows)
+
+
+def test_spearman_against_the_textbook_formula_and_with_ties():
+    """Without ties ρ = 1 − 6 Σ d² / (n (n² − 1)); with ties, the Pearson correlation of average ranks
+    (transcribed here by hand for a small case)."""
+    from worldflow.eval.metrics import rank_average, spearman
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    rx, ry = x.argsort().argsort().double() + 1, y.argsort().argsort().double() + 1
+    n = 40
+    assert spearman(x, y) == pytest.approx(1 - 6 * ((rx - ry) ** 2).sum().item() / (n * (n * n - 1)))
+    assert spearman(x, x.exp()) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+    # ties: x ranks (1, 2.5, 2.5, 4), y ranks (2, 1, 3, 4)
+    assert rank_average(torch.tensor([1.0, 5.0, 5.0, 9.0])).tolist() == [1.0, 2.5, 2.5, 4.0]
+    a, b = torch.tensor([1.0, 2.5, 2.5, 4.0]) - 2.5, torch.tensor([2.0, 1.0, 3.0, 4.0]) - 2.5
+    expect = float((a * b).sum() / (a.norm() * b.norm()))
+    got = spearman(torch.tensor([1.0, 5.0, 5.0, 9.0]), torch.tensor([0.2, 0.1, 0.3, 0.4]))
+    assert got == pytest.approx(expect)
+    assert spearman(torch.ones(5), torch.arange(5.0)) is None and spearman(x[:2], y[:2]) is None

@@ -67,6 +67,12 @@ def test_eval_rollout_schema(tiny_run, tiny_data, tmp_path):
     assert all(v >= 0 for v in res["steps_sweep_frechet"].values())
     assert set(res["validity"]) == {"1", "2", "4"} and all(0 <= v <= 1 for v in res["validity"].values())
     assert res["steps_sweep_validity"]["2"] == pytest.approx(sum(res["validity"].values()) / 3)
+    u = res["uncertainty"]  # hallucination signals: spread over seeds, K vs 2K, their rank correlations
+    assert u["samples"] == 3 and u["steps"] == [2, 4]
+    for key in ("sample_spread", "step_disagreement"):
+        assert set(u[key]) == {"1", "2", "4"} and all(v >= 0 for v in u[key].values())
+        r = u["spearman_vs_error"][key]
+        assert r is None or -1 <= r <= 1
     # a fixed seed gives the same rollout: the sweep's K = --steps entry is the main result's mean PSNR
     assert res["steps_sweep"]["2"] == pytest.approx(sum(res["psnr"].values()) / 3, rel=1e-6)
     # Catch sprites are read off the pixels: object accuracy per horizon, for the model and both baselines

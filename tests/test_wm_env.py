@@ -17,6 +17,7 @@ from gymnasium.utils.env_checker import check_env
 
 from worldflow.config import TransformerConfig
 from worldflow.dynamics import RolloutStream
+from worldflow.errors import InputError
 from worldflow.gym_env.env import ENV_ID, WorldModelEnv, WorldModelVectorEnv
 from worldflow.gym_env.imagined import RowNoiseStream
 from worldflow.nn import SpaceTimeTransformer
@@ -155,6 +156,22 @@ def test_seeds_give_same_and_different_frames(tiny_run):
     first = [env.reset(seed=s, options={"context_latents": lat})[0] for env, s in ((a, 0), (b, 1))]
     assert np.array_equal(*first)  # the decoded context does not depend on the noise
     assert not np.array_equal(a.step(1)[0], b.step(1)[0])
+
+
+def test_uncertainty_reports_step_disagreement_without_changing_the_episode(tiny_run):
+    """uncertainty=True: info['step_disagreement'] is the latent MSE between the frame at K and the same
+    noise denoised at 2K; it draws no extra noise, so frames equal those of an env without it."""
+    plain, checked = make_env(tiny_run), make_env(tiny_run, uncertainty=True)
+    outs = []
+    for env in (plain, checked):
+        env.reset(seed=3)
+        outs.append([env.step(a) for a in (0, 2, 1)])
+    for (f_a, r_a, *_, i_a), (f_b, r_b, *_, i_b) in zip(*outs):
+        assert np.array_equal(f_a, f_b) and r_a == r_b
+        assert "step_disagreement" not in i_a and i_b["step_disagreement"] >= 0
+    assert any(step[-1]["step_disagreement"] > 0 for step in outs[1])
+    with pytest.raises(InputError, match="finer than the model's k_max 8"):
+        make_env(tiny_run, steps=8, uncertainty=True)
 
 
 # One long episode, shared by the two memory tests below: a 10,000-step imagined episode (K=1) in a world

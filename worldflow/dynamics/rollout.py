@@ -51,6 +51,10 @@ class RolloutStream:
         # a generated frame whose commit pass is deferred into the next call (``imagine(defer_commit=True)``)
         self.pending: tuple[Tensor, Tensor, Tensor, Actions, Tensor | None] | None = None
         self.t = 0  # absolute index of the next frame
+        # when set (e.g. 2K), imagine() also denoises each frame's noise at this many steps and keeps the
+        # per-row mean squared latent difference in last_disagreement (B,): a hallucination signal
+        self.check_steps: int | None = None
+        self.last_disagreement: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -143,7 +147,11 @@ class RolloutStream:
             return self._run(z, tau, d, actions, action_mask, commit=False)[0]
 
         fn = flow.as_sampler_fn(fn, m.cfg.objective, m.cfg.k_max)
-        z = flow.denoise(fn, self.noise(shape), steps, m.cfg.k_max, sampler=m.cfg.sampler)
+        z0 = self.noise(shape)
+        z = flow.denoise(fn, z0, steps, m.cfg.k_max, sampler=m.cfg.sampler)
+        if self.check_steps:  # the same noise denoised at K' steps: disagreement flags a doubtful frame
+            z_check = flow.denoise(fn, z0, self.check_steps, m.cfg.k_max, sampler=m.cfg.sampler)
+            self.last_disagreement = (z - z_check).pow(2).flatten(1).mean(1)  # (B,)
         if defer_commit and self.cache is not None:
             self.pending = self._context_inputs(z, actions, action_mask)  # noise drawn now, as observe would
             return z, None

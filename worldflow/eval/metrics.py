@@ -182,3 +182,29 @@ def object_match(got: dict, want: dict, lead: int) -> dict:
     object may have its own cell shape. Returns {name: bool array L}.
     """
     return {k: (got[k] == w).reshape(*w.shape[:lead], -1).all(-1) for k, w in want.items()}
+
+
+def rank_average(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..N of a 1-D tensor, ties sharing their average rank (float64)."""
+    x = x.detach().to("cpu", torch.float64).flatten()
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    values, inverse = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
+    return (sums / counts)[inverse]
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Spearman's rank correlation of two equally long 1-D samples: the Pearson correlation of their
+    average ranks (ties handled). None with fewer than 3 pairs or when either side is constant."""
+    x, y = x.flatten(), y.flatten()
+    if x.numel() != y.numel():
+        raise ValueError(f"spearman needs equally long samples, got {x.numel()} and {y.numel()}")
+    if x.numel() < 3:
+        return None
+    rx, ry = rank_average(x), rank_average(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / den if den > 0 else None

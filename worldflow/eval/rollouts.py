@@ -92,6 +92,7 @@ from worldflow.eval.metrics import (
     object_match,
     pooled_psnr,
     psnr,
+    spearman,
     ssim,
 )
 from worldflow.eval.visual import comparison_video, plot_curves, write_media
@@ -235,14 +236,16 @@ class RolloutEvaluator:
         pad = have.new_zeros((have.shape[0], frames - have.shape[1], *have.shape[2:]))
         return torch.cat([have, pad], dim=1)
 
-    def stream(self, model, steps: int, shuffle_actions: bool = False) -> Iterator[torch.Tensor]:
+    def stream(self, model, steps: int, shuffle_actions: bool = False, seed: int | None = None
+               ) -> Iterator[torch.Tensor]:
         """Predicted frames (B, H, W, 3) in [0, 1] for horizons 1, 2, ..., ``self.horizon``, every clip in
-        one batch, with the true actions (masked past the window) or, ``shuffle_actions``, another clip's."""
+        one batch, with the true actions (masked past the window) or, ``shuffle_actions``, another clip's.
+        ``seed`` (default the evaluator's): the sampling noise; the same seed gives the same rollout."""
         actions, mask = self.actions, self.action_mask
         if shuffle_actions:  # a fixed derangement across the batch: every clip gets another clip's actions
             perm = torch.roll(torch.arange(actions.shape[0], device=actions.device), 1)
             actions, mask = actions[perm], mask[perm]
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)  # same seed: same rollout
+        gen = torch.Generator(device=self.device).manual_seed(self.seed if seed is None else seed)
         latents = rollout_stream(model, self.context_latents, actions, self.horizon, steps, generator=gen,
                                  action_mask=mask)
         return decoded_stream(self.tok, self.context_latents, latents)
@@ -300,6 +303,48 @@ class RolloutEvaluator:
             match = object_match(self.reader(pred.cpu().numpy()), self.reader(truth.cpu().numpy()), lead=1)
             for k, m in match.items():
                 out.objects.setdefault(k, {g: None for g in out.psnr})[h] = float(m.mean())
+
+    @torch.no_grad()
+    def uncertainty(self, model, steps: int, horizons: Sequence[int], samples: int = 3) -> dict[str, Any]:
+        """Two hallucination signals per generated frame, and how well each ranks the frame's real error.
+
+        - ``sample_spread``: the rollout at the evaluator's seed and ``samples − 1`` more from the same
+          context (other seeds), the per-pixel standard deviation across them, averaged over the frame;
+        - ``step_disagreement``: the mean squared difference between the rollout at K = ``steps`` and the
+          same-seed rollout at 2K (None where 2K exceeds K_max).
+
+        Each is a map horizon → mean over clips, for the requested horizons up to ``truth_horizon``
+        (null beyond). ``spearman_vs_error``: per signal, Spearman's rank correlation between the signal
+        and the scored rollout's real per-frame MSE over every (clip, horizon ≤ truth_horizon) pair.
+        Costs ``samples`` + 1 extra rollouts of that length (the 2K one at twice the calls).
+        """
+        if samples < 2:
+            raise InputError(f"uncertainty needs at least 2 samples, got {samples}")
+        hs = sorted(set(horizons))
+        last = min(hs[-1], self.truth_horizon)
+        main = self.stream(model, steps)
+        others = [self.stream(model, steps, seed=self.seed + 1 + i) for i in range(samples - 1)]
+        fine = self.stream(model, 2 * steps) if 2 * steps <= model.cfg.k_max else None
+        out = {"sample_spread": {h: None for h in hs}, "step_disagreement": {h: None for h in hs}}
+        per_frame: dict[str, list[torch.Tensor]] = {"sample_spread": [], "step_disagreement": [], "error": []}
+        for h in range(1, last + 1):
+            pred = next(main)
+            spread = torch.stack([pred, *(next(o) for o in others)]).std(0).mean((-1, -2, -3))  # (B,)
+            per_frame["sample_spread"].append(spread.cpu())
+            if fine is not None:
+                per_frame["step_disagreement"].append(((pred - next(fine)) ** 2).mean((-1, -2, -3)).cpu())
+            truth = self.truth_at(h).float() / 255.0
+            per_frame["error"].append(((pred - truth) ** 2).mean((-1, -2, -3)).cpu())
+            if h in out["sample_spread"]:
+                for key in ("sample_spread", "step_disagreement"):
+                    if per_frame[key]:
+                        out[key][h] = float(per_frame[key][-1].mean())
+        error = torch.cat(per_frame["error"]) if per_frame["error"] else torch.empty(0)
+        out["spearman_vs_error"] = {
+            key: spearman(torch.cat(per_frame[key]), error) if per_frame[key] else None
+            for key in ("sample_spread", "step_disagreement")}
+        out["samples"], out["steps"] = samples, [steps, 2 * steps if fine is not None else None]
+        return out
 
     @torch.no_grad()
     def ceiling(self, horizons: Sequence[int]) -> Scores:
@@ -449,8 +494,9 @@ def is_action_free(model: DynamicsModel) -> bool:
 
 def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons: list[int], steps: int,
                       steps_sweep: list[int] | None, clips: int, out_dir: Path, progress: bool = True,
-                      sampler: str | None = None) -> dict[str, Any]:
-    """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model."""
+                      sampler: str | None = None, uncertainty_samples: int = 3) -> dict[str, Any]:
+    """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model.
+    ``uncertainty_samples`` 0 leaves the hallucination signals out (``uncertainty`` null)."""
     model, ev = heldout_rollouts(run, data, context, max(horizons), clips, progress=progress,
                                  steps=[steps, *(steps_sweep or [])], sampler=sampler)
     frechet = ev.frechet  # per K below
@@ -470,6 +516,8 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     res["shuffled_actions"] = None if is_action_free(model) else \
         ev.score(model, steps, horizons, shuffle_actions=True, progress=progress).metrics()
     res["frames_per_second"] = main.frames / max(main.seconds, 1e-9)
+    res["uncertainty"] = ev.uncertainty(model, steps, horizons, uncertainty_samples) \
+        if uncertainty_samples and ev.truth_horizon > 0 else None
     res["lpips"] = None  # absent: needs local LPIPS weights (tokenizer.lpips_path)
     res["fvd"] = None  # absent: needs local I3D weights
     if steps_sweep:
@@ -620,7 +668,7 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit("worldflow eval: --data is required for rollout evaluation")
         res = evaluate_dynamics(args.run, args.data, args.context, args.horizons, args.steps,
                                 args.steps_sweep, args.clips, media, progress=not args.no_progress,
-                                sampler=args.sampler)
+                                sampler=args.sampler, uncertainty_samples=args.uncertainty_samples)
     atomic_write_text(out, json.dumps(res, indent=2))
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=None))
     print(f"wrote {out}")
@@ -643,6 +691,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="euler (one model call a step) or heun (2K - 1 calls a frame); default: the run's "
                         "dynamics.sampler")
     p.add_argument("--clips", type=positive_int, default=32, help="held-out clips to score")
+    p.add_argument("--uncertainty-samples", type=nonneg_int, default=3,
+                   help="rollouts from the same context for the sample-spread signal (0: no uncertainty "
+                        "signals; each sample costs one more rollout)")
     p.add_argument("--tokenizer-only", action="store_true", help="only tokenizer reconstruction PSNR/SSIM")
     p.add_argument("--env", help="evaluate the agent in this real env (policy/bc/random/expert return)")
     p.add_argument("--episodes", type=positive_int, default=20,

@@ -152,20 +152,28 @@ class WorldModelEnv(gym.Env):
         render_mode: 'rgb_array' (render() returns the latest frame) or None.
         phase: checkpoint to use: None (agent, else agent_bc, else dynamics), or a phase name.
         sample_contexts_from: dataset split the context clips come from ('train' | 'heldout').
+        uncertainty: also denoise each frame's noise with 2K steps and report the mean squared latent
+            difference as info['step_disagreement'] (a hallucination signal; about 3x the step time).
 
     Observations are uint8 (size, size, 3) frames like the real env's; actions live in the run's action
     space. ``reset(options={'context_latents': (C, N, D), 'context_actions': (C, *E) (dataset-aligned,
-    optional), 'context_action_mask': (C,)})`` starts from a given context. info: 'continue_prob' per step;
-    'context_episode', 'context_start' at reset (-1 for a given context).
+    optional), 'context_action_mask': (C,)})`` starts from a given context. info: 'continue_prob' per step
+    (and 'step_disagreement' with ``uncertainty``); 'context_episode', 'context_start' at reset (-1 for a
+    given context).
     """
 
     metadata = METADATA
 
     def __init__(self, run: str | Path, steps: int = 4, horizon: int | None = None,
                  context: int | None = None, device: str = "cpu", render_mode: str | None = "rgb_array",
-                 phase: str | None = None, sample_contexts_from: str = "train"):
+                 phase: str | None = None, sample_contexts_from: str = "train", uncertainty: bool = False):
         self._setup = _Setup(run, steps, horizon, context, device, render_mode, phase, sample_contexts_from,
                              batched=False)
+        k_max = self._setup.wm.cfg.dynamics.k_max
+        if uncertainty and 2 * steps > k_max:
+            raise InputError(f"uncertainty compares K = {steps} with 2K = {2 * steps} steps, finer than the "
+                             f"model's k_max {k_max}: use steps <= {k_max // 2}")
+        self._check_steps = 2 * steps if uncertainty else None
         self.observation_space = self._setup.observation_space
         self.action_space = self._setup.action_space
         self.render_mode = render_mode
@@ -192,6 +200,7 @@ class WorldModelEnv(gym.Env):
         s = self._setup
         self._world = ImaginedBatch(s.wm, [self._gen], s.steps, s.decoder_window)
         self._frame = self._world.start([clip])[0].numpy()
+        self._world.stream.check_steps = self._check_steps
         self._elapsed = 0
         return self._frame.copy(), _info(clip)
 
@@ -204,7 +213,10 @@ class WorldModelEnv(gym.Env):
         self._elapsed += 1
         p = float(cont[0])
         truncated = self._setup.horizon is not None and self._elapsed >= self._setup.horizon
-        return self._frame.copy(), float(reward[0]), p < 0.5, truncated, {"continue_prob": p}
+        info = {"continue_prob": p}
+        if self._check_steps:
+            info["step_disagreement"] = float(self._world.stream.last_disagreement[0])
+        return self._frame.copy(), float(reward[0]), p < 0.5, truncated, info
 
     def render(self) -> np.ndarray | None:
         if self.render_mode is None or self._frame is None:
