@@ -174,7 +174,8 @@ def test_eval_action_free_frechet_past_the_truth(free_run, free_data, tmp_path):
                  "--horizons", "1,4,30", "--steps", "1", "--clips", "4", "--out", str(out),
                  "--no-progress"]) == 0
     res = json.loads(out.read_text())
-    assert res["shuffled_actions"] is None and res["truth_horizon"] == FRAMES - 2
+    # the clips need truth up to h = 4 only (30 cannot have any): 6-frame windows, not whole episodes
+    assert res["shuffled_actions"] is None and res["truth_horizon"] == 4
     assert res["psnr"]["30"] is None and res["ssim"]["30"] is None
     assert res["baseline_copy_last"]["psnr"]["30"] is None
     assert all(math.isfinite(res[k][h]) for k in ("psnr", "ssim") for h in ("1", "4"))
@@ -220,7 +221,7 @@ def test_eval_with_actions_past_the_truth(tiny_run, tiny_data, tmp_path):
                  "--horizons", "1,40", "--steps", "1", "--clips", "2", "--out", str(out),
                  "--no-progress"]) == 0
     res = json.loads(out.read_text())
-    assert res["truth_horizon"] == 30 and res["psnr"]["40"] is None and math.isfinite(res["psnr"]["1"])
+    assert res["truth_horizon"] == 1 and res["psnr"]["40"] is None and math.isfinite(res["psnr"]["1"])
     for base in (res, res["shuffled_actions"], res["baseline_copy_last"]):
         assert base["psnr"]["40"] is None and math.isfinite(base["psnr"]["1"])
         assert base["objects"]["ball"]["40"] is None
@@ -266,3 +267,21 @@ def test_truth_window_keeps_half_the_episodes_eligible():
     assert len(set(eps)) == 4
     assert truth_window(torch.tensor([5, 6]), context=8) == 6  # never longer than the longest episode
     assert truth_window(torch.tensor([40, 3, 3]), context=8) == 9  # at least one predicted frame
+
+
+def test_clip_window_covers_the_scored_horizons_only():
+    """Catch episodes of 80 frames scored at h 1..16 with a rollout to 100: 24-frame clips (C 8 + 16) at
+    varied offsets, not whole episodes all starting at frame 0 (their respawns then fell on the same
+    horizon of every clip, and the suite's Catch row read ball 11% where make demo read 52%)."""
+    import torch
+
+    from worldflow.data.clips import fixed_windows
+    from worldflow.eval.rollouts import clip_window
+
+    lengths = torch.full((10,), 80)
+    assert clip_window(lengths, 8, 100, [*range(1, 17), 100]) == 24
+    assert clip_window(lengths, 8, 100) == 80  # without the scored horizons: as long as truth allows
+    assert clip_window(lengths, 8, 100, [100]) == 80  # nothing scoreable fits: the longest window
+    assert clip_window(lengths, 8, 4, [1, 4]) == 12
+    _, starts = fixed_windows(lengths, 32, 24)
+    assert len(set(starts)) > 8  # many phases of the 8-frame ball cycle, not all at 0

@@ -8,7 +8,9 @@ bounded KV cache and the tokenizer's streaming decode cache: per horizon step on
 and features are accumulated, so memory does not grow with H (horizons of 1000 frames and more).
 
 **Past the truth.** A clip is a window of min(C + H, W) frames, W the longest that at least half the
-held-out episodes hold (``truth_window``: longer windows would leave only the longest episode to score);
+held-out episodes hold (``truth_window``: longer windows would leave only the longest episode to score),
+and no longer than C + the largest requested horizon that fits in it (``clip_window``: longer windows
+pin every clip to its episode's start);
 its true actions are used as far as the window goes, later frames get masked actions (the unlabeled
 path), so any horizon can be rolled out. PSNR, SSIM and object accuracy need the real frame, so for
 horizons beyond the window (``truth_horizon`` = window − C; e.g. action-free video whose episodes end)
@@ -175,6 +177,17 @@ def truth_window(lengths: torch.Tensor, context: int) -> int:
     return max(half, min(context + 1, ranked[0]))
 
 
+def clip_window(lengths: torch.Tensor, context: int, horizon: int, scored: Sequence[int] | None = None
+                ) -> int:
+    """Frames per scored clip: C + H capped at :func:`truth_window`, and no longer than the largest
+    ``scored`` horizon that fits needs. A window longer than the scores need pins every clip to the start
+    of its episode (one window per episode): on Catch, where each ball falls for 8 frames, all 32 clips
+    then had their respawn at the same horizon and the per-horizon scores came out phase-locked."""
+    full = min(context + horizon, truth_window(lengths, context))
+    fits = [h for h in (scored or ()) if context + h <= full]
+    return context + max(fits) if fits else full
+
+
 @dataclass(frozen=True)
 class FrechetScores:
     """Per horizon window (maps keyed by the requested horizon ending it):
@@ -204,11 +217,12 @@ class RolloutEvaluator:
 
     def __init__(self, tok: CausalTokenizer, bank: ClipBank, cfg: Config, device: torch.device,
                  context: int, horizon: int, clips: int = 32, seed: int = 0,
-                 reader: ObjectReader | None = None, checker: FrameChecker | None = None):
+                 reader: ObjectReader | None = None, checker: FrameChecker | None = None,
+                 scored: Sequence[int] | None = None):
         self.tok, self.cfg, self.device, self.reader = tok, cfg, device, reader
         self.checker = checker  # frames -> bool per frame: a frame the env can show (validity)
         self.bank, self.context, self.horizon, self.seed = bank, context, horizon, seed
-        self.window = min(context + horizon, truth_window(bank.lengths, context))
+        self.window = clip_window(bank.lengths, context, horizon, scored)
         self.truth_horizon = self.window - context  # horizons 1..truth_horizon have a real frame
         self.eps, self.starts = fixed_windows(bank.lengths, clips, self.window)
         self.context_latents = self._gather("latents", 0, context).to(device)  # (B, C, N, D)
@@ -453,7 +467,8 @@ def _mean_over(m: dict[int, float | None], horizons: Sequence[int]) -> float | N
 
 def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: int, clips: int,
                      seed: int = 0, progress: bool = True, steps: Sequence[int] = (),
-                     sampler: str | None = None) -> tuple[DynamicsModel, RolloutEvaluator]:
+                     sampler: str | None = None, scored: Sequence[int] | None = None
+                     ) -> tuple[DynamicsModel, RolloutEvaluator]:
     """A run's dynamics model (eval mode) and a :class:`RolloutEvaluator` over held-out clips of ``data``.
 
     Any horizon is allowed (past the held-out truth the rollout continues unscored, see the module
@@ -483,7 +498,7 @@ def heldout_rollouts(run: str | Path, data: str | Path, context: int, horizon: i
                          f"{longest}: lower --context")
     bank = with_frames(latent_bank(run, data, cfg, "heldout", tok, progress), data, cfg, progress)
     ev = RolloutEvaluator(tok, bank, cfg, device, context=context, horizon=horizon, clips=clips, seed=seed,
-                          reader=reader_of(data), checker=checker_of(data))
+                          reader=reader_of(data), checker=checker_of(data), scored=scored)
     return model, ev
 
 
@@ -498,7 +513,7 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     """Everything ``worldflow eval`` reports for a run with a trained tokenizer and dynamics model.
     ``uncertainty_samples`` 0 leaves the hallucination signals out (``uncertainty`` null)."""
     model, ev = heldout_rollouts(run, data, context, max(horizons), clips, progress=progress,
-                                 steps=[steps, *(steps_sweep or [])], sampler=sampler)
+                                 steps=[steps, *(steps_sweep or [])], sampler=sampler, scored=horizons)
     frechet = ev.frechet  # per K below
     main = ev.score(model, steps, horizons, frechet=True, video=min(ev.horizon, VIDEO_FRAMES),
                     progress=progress)
