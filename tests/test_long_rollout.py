@@ -272,7 +272,8 @@ def test_truth_window_keeps_half_the_episodes_eligible():
 def test_clip_window_covers_the_scored_horizons_only():
     """Catch episodes of 80 frames scored at h 1..16 with a rollout to 100: 24-frame clips (C 8 + 16) at
     varied offsets, not whole episodes all starting at frame 0 (their respawns then fell on the same
-    horizon of every clip, and the suite's Catch row read ball 11% where make demo read 52%)."""
+    horizon of every clip, and the suite's Catch row read ball 11% for a model scoring 33% on varied
+    windows)."""
     import torch
 
     from worldflow.data.clips import fixed_windows
