@@ -188,6 +188,7 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines
     eval_every: int = 200  # steps between held-out evaluations (0 = none)
     ckpt_every: int = 200  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept per phase, older ones pruned (0 = keep all)
     # Safety cap on wall time (0 = none). A phase's result is defined by ``steps``; a phase this cap stops
     # is reported as capped (run summary, demo printout, summary.json "capped"), never as completed.
     max_minutes: float = 0.0

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from worldflow.agent.model import AgentModel, features
 from worldflow.data.spaces import indices_to_values
 from worldflow.dynamics import RolloutStream
+from worldflow.errors import InputError
 from worldflow.run import Run
 from worldflow.tokenizer.model import CausalTokenizer
 
@@ -101,10 +102,11 @@ def baseline_returns(env_id: str, size: int, episodes: int, kind: str, seed: int
     from worldflow.envs.wrappers import make_env
 
     env = make_env(env_id, size=size)
-    if kind != "random" and not hasattr(env.unwrapped, "expert_action"):
+    try:
+        policy = make_policy(kind, env, seed=seed)  # the expert reads its env's state, so one env, in turn
+    except InputError:  # no scripted expert for this env (envs.policies: expert_action or EXTERNAL_EXPERTS)
         env.close()
         return None
-    policy = make_policy(kind, env, seed=seed)  # the expert reads its env's state, so one env, in turn
     try:
         returns = [play_episodes([env], per_env([policy]), [seed + i], 10_000).returns[0]
                    for i in range(episodes)]

@@ -222,7 +222,7 @@ class Trainer:
         path = self.ckpt_root / f"step_{self.step:08d}"
         if distributed.is_main():
             path = save_checkpoint(self.ckpt_root, self.step, weights, self.config_dict, opt_state,
-                                   extra={"gen": self.gen.get_state()})
+                                   extra={"gen": self.gen.get_state()}, keep=self.cfg.keep_checkpoints)
         distributed.barrier()
         return path
 
