@@ -35,6 +35,19 @@ PADDLE_COLOUR = np.array([64, 160, 255], dtype=np.uint8)  # blue: differs from t
 LEFT, STAY, RIGHT = 0, 1, 2
 
 
+def _cell_pixels(frames: np.ndarray, caller: str) -> np.ndarray:
+    """Frames (..., S, S, 3), uint8 or float in [0, 1], as float pixels in [0, 255] grouped by grid cell:
+    (..., GRID, c, GRID, c, 3) with c = S // GRID (row, y in the cell, column, x in the cell, RGB)."""
+    f = np.asarray(frames, dtype=np.float32)
+    if f.max(initial=0.0) <= 1.0:
+        f = f * 255.0
+    size = f.shape[-2]
+    if f.shape[-3] != size or size % GRID:
+        raise ValueError(f"{caller}: frames must be square, side divisible by {GRID}; got {f.shape}")
+    c = size // GRID
+    return f.reshape(*f.shape[:-3], GRID, c, GRID, c, 3)
+
+
 def read_objects(frames: np.ndarray) -> dict[str, np.ndarray]:
     """Where the objects are in rendered (or predicted) Catch frames, cell by cell.
 
@@ -44,14 +57,7 @@ def read_objects(frames: np.ndarray) -> dict[str, np.ndarray]:
     nearer the sprite colour than to black in the channels that tell them apart, so a faint or smeared
     prediction reads as empty: this is what lets evaluation ask "is the ball where it should be?".
     """
-    f = np.asarray(frames, dtype=np.float32)
-    if f.max(initial=0.0) <= 1.0:
-        f = f * 255.0
-    size = f.shape[-2]
-    if f.shape[-3] != size or size % GRID:
-        raise ValueError(f"read_objects: frames must be square, side divisible by {GRID}; got {f.shape}")
-    c = size // GRID
-    cells = f.reshape(*f.shape[:-3], GRID, c, GRID, c, 3).mean(axis=(-4, -2))  # (..., GRID, GRID, 3)
+    cells = _cell_pixels(frames, "read_objects").mean(axis=(-4, -2))  # (..., GRID, GRID, 3)
     ball = (cells[..., 0] > BALL_COLOUR[0] / 2) & (cells[..., 2] < PADDLE_COLOUR[2] / 2)
     paddle = (cells[..., PADDLE_ROW, :, 2] > PADDLE_COLOUR[2] / 2) & (cells[..., PADDLE_ROW, :, 0] < 160)
     return {"ball": ball, "paddle": paddle}
@@ -71,14 +77,7 @@ def frame_validity(frames: np.ndarray) -> np.ndarray:
     sits on the paddle (a catch is drawn over it), form one run of 3 cells. PSNR cannot tell
     a sharp wrong frame from a blurred average of two right ones; this can.
     """
-    f = np.asarray(frames, dtype=np.float32)
-    if f.max(initial=0.0) <= 1.0:
-        f = f * 255.0
-    size = f.shape[-2]
-    if f.shape[-3] != size or size % GRID:
-        raise ValueError(f"frame_validity: frames must be square, side divisible by {GRID}; got {f.shape}")
-    c = size // GRID
-    cells = f.reshape(*f.shape[:-3], GRID, c, GRID, c, 3)  # (..., row, y, col, x, 3)
+    cells = _cell_pixels(frames, "frame_validity")  # (..., row, y, col, x, 3)
     # distance of every pixel to each palette colour; a cell takes the colour nearest its mean
     mean = cells.mean(axis=(-4, -2))  # (..., GRID, GRID, 3)
     colour = np.abs(mean[..., None, :] - PALETTE).max(-1).argmin(-1)  # (..., GRID, GRID) in {0, 1, 2}
