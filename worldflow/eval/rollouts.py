@@ -514,7 +514,6 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
     ``uncertainty_samples`` 0 leaves the hallucination signals out (``uncertainty`` null)."""
     model, ev = heldout_rollouts(run, data, context, max(horizons), clips, progress=progress,
                                  steps=[steps, *(steps_sweep or [])], sampler=sampler, scored=horizons)
-    frechet = ev.frechet  # per K below
     main = ev.score(model, steps, horizons, frechet=True, video=min(ev.horizon, VIDEO_FRAMES),
                     progress=progress)
     res: dict[str, Any] = {"steps": steps, "sampler": model.cfg.sampler,
@@ -541,7 +540,8 @@ def evaluate_dynamics(run: str | Path, data: str | Path, context: int, horizons:
                  for k in steps_sweep}
         res["steps_sweep"] = {k: _mean_over(r.psnr, horizons) for k, r in sweep.items()}
         # the distribution per K: mean over the horizon windows of each window's Fréchet distance
-        res["steps_sweep_frechet"] = {k: _mean_over(frechet(r).distance, horizons) for k, r in sweep.items()}
+        res["steps_sweep_frechet"] = {k: _mean_over(ev.frechet(r).distance, horizons)
+                                      for k, r in sweep.items()}
         if ev.checker is not None:
             res["steps_sweep_validity"] = {k: _mean_over(r.validity, horizons) for k, r in sweep.items()}
         if ev.reader is not None:

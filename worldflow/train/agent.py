@@ -30,7 +30,7 @@ from worldflow.data.checks import check_datasets
 from worldflow.data.clips import ClipBank
 from worldflow.data.spaces import values_to_indices
 from worldflow.distributed import device_of
-from worldflow.dynamics import dynamics_loss
+from worldflow.dynamics import dynamics_loss, shift_actions
 from worldflow.errors import InputError
 from worldflow.run import load_agent_model, phase_checkpoint, record_dataset, run_action_space, start_phase
 from worldflow.train.trainer import Trainer
@@ -65,8 +65,9 @@ def arrival_targets(rewards: torch.Tensor, terminated: torch.Tensor, action_mask
     False there), and h_{t+1} predicts whether step t ended the episode (``terminated``,
     ``continue_mask`` (B, T − 1), for h_1 … h_{T−1}).
     """
-    shift = lambda x: torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-    return {"reward": shift(rewards), "reward_mask": shift(action_mask),
+    # the frame alignment of actions (dynamics.actions.shift_actions): step t-1's value at frame t
+    reward, reward_mask = shift_actions(rewards, action_mask)
+    return {"reward": reward, "reward_mask": reward_mask,
             "terminated": terminated[:, :-1], "continue_mask": action_mask[:, :-1]}
 
 
