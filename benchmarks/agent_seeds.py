@@ -85,14 +85,8 @@ def _curve(run: Path, env_id: str, episodes: int, env_seed: int) -> list[dict[st
     root = checkpoints_dir(run, "agent")
     for d in sorted(checkpoint_dirs(root), key=lambda p: p.name):
         step = int(d.name.split("_")[-1])
-        # policy_returns reads the phase's latest checkpoint: point latest.json at this one for the call
-        latest = root / "latest.json"
-        saved = latest.read_text()
-        latest.write_text(json.dumps({"step": step, "dir": d.name}))
-        try:
-            real = policy_returns(run, env_id, episodes, "agent", True, env_seed, progress=False)["mean"]
-        finally:
-            latest.write_text(saved)
+        real = policy_returns(run, env_id, episodes, "agent", True, env_seed, progress=False,
+                              checkpoint=d)["mean"]
         points.append({"step": step, "real_return": real, "imagined_return": _imagined_at(run, step)})
     return points
 

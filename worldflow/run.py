@@ -104,12 +104,15 @@ def run_action_space(run: str | Path) -> gym.Space | None:
     return space_from_dict(run_dataset(run)["action_space"])
 
 
-def load_agent_model(run: str | Path, phase: str | None = None, device: torch.device | str = "cpu"
-                     ) -> tuple[AgentModel, Config, str]:
-    """The agent model of a run: phase 'agent' (imagination) if present, else 'agent_bc'."""
+def load_agent_model(run: str | Path, phase: str | None = None, device: torch.device | str = "cpu",
+                     checkpoint: str | Path | None = None) -> tuple[AgentModel, Config, str]:
+    """The agent model of a run: phase 'agent' (imagination) if present, else 'agent_bc'.
+    ``checkpoint``: one checkpoint directory of ``phase`` instead of its latest (needs ``phase``)."""
+    if checkpoint is not None and phase is None:
+        raise ValueError("load_agent_model(checkpoint=...) needs the phase the checkpoint belongs to")
     phases = [phase] if phase else list(AGENT_PHASES)
     for ph in phases:
-        d = latest_checkpoint(checkpoints_dir(run, ph))
+        d = Path(checkpoint) if checkpoint is not None else latest_checkpoint(checkpoints_dir(run, ph))
         if d is None:
             continue
         cfg = phase_config(run, ph)

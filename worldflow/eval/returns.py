@@ -19,7 +19,7 @@ from worldflow.agent.model import AgentModel, features
 from worldflow.data.spaces import indices_to_values
 from worldflow.dynamics import RolloutStream
 from worldflow.errors import InputError
-from worldflow.run import Run
+from worldflow.run import Run, load_agent_model
 from worldflow.tokenizer.model import CausalTokenizer
 
 
@@ -81,11 +81,13 @@ def run_episodes(env_id: str, size: int, episodes: int, act_fn: Callable[[np.nda
 
 
 def policy_returns(run, env_id: str, episodes: int, phase: str | None, sample: bool, seed: int,
-                   progress: bool = True, record: bool = False) -> dict[str, Any]:
-    """Real-env returns of a run's policy (phase 'agent' or 'agent_bc')."""
+                   progress: bool = True, record: bool = False, checkpoint: str | Path | None = None
+                   ) -> dict[str, Any]:
+    """Real-env returns of a run's policy (phase 'agent' or 'agent_bc'; ``checkpoint``: one checkpoint
+    directory of that phase instead of its latest)."""
     from worldflow.distributed import device_of
     r = Run(run)
-    model, cfg, ph = r.agent(phase)
+    model, cfg, ph = load_agent_model(run, phase, checkpoint=checkpoint)
     device = device_of(cfg)
     model.to(device)
     tok, _ = r.tokenizer(device)
