@@ -204,6 +204,35 @@ def test_commit_first_n_frames_equals_commit_then_denoise(grad):
             net(x[:, 4:6], cache=caches[0], commit=3)
 
 
+def test_sliding_cache_over_many_windows_equals_recompute():
+    """A long no-grad stream slides the held frames through the buffer and moves them back to slot 0 when
+    the free slots run out; the fused commit (commit=1 on two frames) and single-frame commits must keep
+    giving full-recompute results, and rows copied between caches at different buffer offsets still match."""
+    net, w, n = make(), 4, 20
+    x = torch.randn(2, n + 1, 5, 32)
+    with torch.no_grad():
+        full = net(x, window=w)
+        fused, single = net.new_cache(2, w), net.new_cache(2, w)
+        starts = set()
+        for t in range(n):
+            y = net(x[:, t : t + 2], cache=fused, commit=1)  # commit frame t, look at frame t + 1
+            assert torch.allclose(y, full[:, t : t + 2], atol=ATOL)
+            assert torch.allclose(net(x[:, t : t + 1], cache=single), full[:, t : t + 1], atol=ATOL)
+            starts.add(fused.start)
+        assert len(starts) > 2 and 0 in starts  # it slid, and was moved back
+        for layer in range(fused.layers):
+            for a, b in zip(fused.get(layer), single.get(layer)):
+                assert torch.allclose(a, b, atol=ATOL)
+        other = net.new_cache(1, w)
+        for t in range(n):  # row 1's frames, committed the fused way: another buffer offset
+            net(x[1:, t : t + 2], cache=other, commit=1)
+        assert other.start != single.start
+        single.copy_rows_from([0], other)  # row 0 now holds row 1's history
+        y = net(x[[1, 1], n : n + 1], cache=single)
+        assert torch.allclose(y[0], full[1, n : n + 1], atol=ATOL)
+        assert torch.allclose(y[1], full[1, n : n + 1], atol=ATOL)
+
+
 def test_cache_is_bounded_and_preallocated():
     net = make()
     cache = net.new_cache(1, 3)
@@ -212,7 +241,8 @@ def test_cache_is_bounded_and_preallocated():
     for _ in range(10):
         net(torch.randn(1, 1, 5, 32), cache=cache)
     assert [t.data_ptr() for t in cache.k + cache.v] == ptrs and cache.nbytes() == nbytes
-    assert all(t.shape[2] == 2 + 1 for t in cache.k)  # window - 1 cached frames + the working slot
+    # window - 1 held frames, as many free slots to slide into, 2 working slots
+    assert all(t.shape[2] == 2 * 2 + 2 for t in cache.k)
 
 
 def test_commit_false_leaves_cache_unchanged():

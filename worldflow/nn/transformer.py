@@ -24,16 +24,22 @@ class KVCache:
     """Keys/values of the last ``window - 1`` committed frames for every temporal layer.
 
     Buffers are allocated once, at the first forward that uses the cache, with shape
-    (batch * tokens, kv_heads, window, head_dim) per temporal layer: ``window - 1`` committed frames plus
-    one working slot, where a single new frame's keys/values are written so attention reads one view of
-    the buffer instead of concatenating the whole cache on every denoising pass. They never grow, so
-    memory is constant however long a rollout runs. Keys are stored already rotated (RoPE with their absolute
-    frame index), so a cached frame never needs recomputation. Cached values are detached: the cache is
-    an inference device, gradients never flow into earlier committed frames.
+    (batch * tokens, kv_heads, slots, head_dim) per temporal layer, ``slots`` = 2 (window - 1) + WORK.
+    The committed frames occupy the contiguous slots ``start .. start + length - 1``; up to ``WORK``
+    new frames outside autograd (one denoising pass, or a commit riding with the next frame's first
+    pass) are written right after them, so attention reads one view of the buffer instead of
+    concatenating the whole cache on every pass. A commit that overflows the window moves ``start``
+    instead of shifting the buffer; only when the free slots run out are the held frames moved back to
+    slot 0 (one copy every ``window - 1`` frames instead of one per frame). The buffers never grow, so
+    memory is constant however long a rollout runs. Keys are stored already rotated (RoPE with their
+    absolute frame index), so a cached frame never needs recomputation. Cached values are detached: the
+    cache is an inference device, gradients never flow into earlier committed frames.
 
     ``next_t`` is the absolute index of the next frame to be committed; ``length`` the number of frames
     currently held (<= window - 1). ``reset()`` empties it and keeps the buffers.
     """
+
+    WORK = 2  # new frames written in place: a denoising pass (1) or commit + next frame's first pass (2)
 
     def __init__(self, batch: int, window: int, layers: int, kv_heads: int, head_dim: int):
         if window < 1:
@@ -44,6 +50,8 @@ class KVCache:
         self.v: list[Tensor] = []
         self.length = 0
         self.next_t = 0
+        self.start = 0  # slot of the oldest held frame
+        self._new_start = 0  # where the held frames begin after the pending commit (set by write)
         self.tokens: int | None = None
 
     @property
@@ -51,18 +59,34 @@ class KVCache:
         """Frames the cache can hold: window - 1 (the current frame is always computed fresh)."""
         return self.window - 1
 
+    @property
+    def slots(self) -> int:
+        """Frame slots per buffer: the held frames, as many free ones to slide into, and the new ones."""
+        return 2 * self.capacity + self.WORK
+
     def reset(self) -> None:
         self.length = 0
         self.next_t = 0
+        self.start = 0
 
     def _ensure(self, tokens: int, like: Tensor) -> None:
         if self.tokens is None:
-            shape = (self.batch * tokens, self.kv_heads, self.capacity + 1, self.head_dim)  # + working slot
+            shape = (self.batch * tokens, self.kv_heads, self.slots, self.head_dim)
             self.k = [like.new_zeros(shape) for _ in range(self.layers)]
             self.v = [like.new_zeros(shape) for _ in range(self.layers)]
             self.tokens = tokens
         elif tokens != self.tokens:
             raise ValueError(f"cache was built for {self.tokens} tokens per frame, got {tokens}")
+
+    def reserve(self, frames: int) -> None:
+        """Make room for ``frames`` new frames after the held ones (called once per forward, before any
+        layer): if they would run past the last slot, move the held frames back to slot 0."""
+        if self.start + self.length + min(frames, self.WORK) <= self.slots:
+            return
+        a, n = self.start, self.length
+        for buf in self.k + self.v:
+            buf[:, :, :n].copy_(buf[:, :, a : a + n].clone())  # the ranges may overlap
+        self.start = 0
 
     def positions(self, device: torch.device) -> Tensor:
         """Absolute frame indices of the cached frames (length,), oldest first."""
@@ -70,21 +94,22 @@ class KVCache:
 
     def get(self, layer: int) -> tuple[Tensor, Tensor]:
         """Cached (k, v) of one temporal layer, each (batch * tokens, Hkv, length, hd)."""
-        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
+        a, b = self.start, self.start + self.length
+        return self.k[layer][:, :, a:b], self.v[layer][:, :, a:b]
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Cached + new keys/values of one temporal layer, each (batch * tokens, Hkv, length + T, hd).
 
-        A single new frame outside autograd goes into the working slot after the cached frames, and the
-        result is a view of the buffer (no copy of the cache); otherwise (several frames, or keys that
+        Up to ``WORK`` new frames outside autograd go into the slots after the cached frames, and the
+        result is a view of the buffer (no copy of the cache); otherwise (more frames, or keys that
         carry gradients) the cache is concatenated with the new frames.
         """
-        n = self.length
-        if k.shape[2] == 1 and not (k.requires_grad or v.requires_grad):
+        a, n, t = self.start, self.length, k.shape[2]
+        if t <= self.WORK and not (k.requires_grad or v.requires_grad) and a + n + t <= self.slots:
             kb, vb = self.k[layer], self.v[layer]
-            kb[:, :, n : n + 1].copy_(k)
-            vb[:, :, n : n + 1].copy_(v)
-            return kb[:, :, : n + 1], vb[:, :, : n + 1]
+            kb[:, :, a + n : a + n + t].copy_(k)
+            vb[:, :, a + n : a + n + t].copy_(v)
+            return kb[:, :, a : a + n + t], vb[:, :, a : a + n + t]
         ck, cv = self.get(layer)
         return torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
 
@@ -96,15 +121,19 @@ class KVCache:
         keep = min(end, self.capacity)
         if not keep:
             return
+        buf = self.k[layer]
+        if k_all.data_ptr() == buf[:, :, self.start :].data_ptr():
+            # a view of the buffer: the frames sit in their slots already; the window slides over them
+            self._new_start = self.start + end - keep
+            return
         for buf, src in ((self.k[layer], k_all), (self.v[layer], v_all)):
-            if src.data_ptr() == buf.data_ptr():  # a view of the buffer: the frame sits in slot n already
-                if end > self.capacity:  # full: drop the oldest frame (overlapping shift, via a copy)
-                    buf[:, :, :keep].copy_(buf[:, :, end - keep : end].clone())
-            else:
-                buf[:, :, :keep].copy_(src[:, :, end - keep : end].detach())
+            buf[:, :, :keep].copy_(src[:, :, end - keep : end].detach())
+        self._new_start = 0
 
     def advance(self, frames: int) -> None:
         """Account for ``frames`` newly committed frames (after every layer has written)."""
+        if self.capacity:
+            self.start = self._new_start
         self.length = min(self.length + frames, self.capacity)
         self.next_t += frames
 
@@ -137,8 +166,9 @@ class KVCache:
             raise ValueError(f"caches disagree on tokens per frame: {self.tokens} != {other.tokens}")
         # Buffers are (batch * tokens, ...), batch-major: row r owns entries r*tokens .. (r+1)*tokens - 1.
         idx = (rows[:, None] * self.tokens + torch.arange(self.tokens)).flatten()
-        for mine, theirs in zip(self.k + self.v, other.k + other.v):
-            mine.index_copy_(0, idx.to(mine.device), theirs.to(mine.device, mine.dtype))
+        for layer in range(self.layers):
+            for mine, theirs in zip(self.get(layer), other.get(layer)):
+                mine.index_copy_(0, idx.to(mine.device), theirs.to(mine.device, mine.dtype))
 
 
 def _committed(commit: bool | int, frames: int) -> int:
@@ -303,6 +333,7 @@ class SpaceTimeTransformer(nn.Module):
             if cache.length == 0:
                 cache.next_t = t0  # an empty cache may start at any absolute frame index
             cache._ensure(s, x)
+            cache.reserve(t)
         t0 = 0 if t0 is None else t0
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 frame, got {window}")
