@@ -103,7 +103,7 @@ def test_streaming_equals_whole_clip_beyond_window(layout):
     dec = tok.new_decode_cache(2)
     x_stream = torch.stack([tok.decode_step(z[:, t], dec) for t in range(8)], 1)
     assert torch.allclose(x_stream, tok.decode(z), atol=1e-5)
-    assert enc.k[0].shape[2] == 2 + 1  # bounded: context - 1 cached frames + the working slot
+    assert enc.k[0].shape[2] == enc.slots == 2 * 2 + 2  # bounded: 2 (context - 1) slots to slide + 2 working
 
 
 @LAYOUTS
