@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(BUG, file=sys.stderr)
         return 1
-    shutdown()  # torchrun: every rank leaves the process group together (no-op otherwise)
+    shutdown(int(rc or 0))  # torchrun: every rank leaves together and exits here (no-op otherwise)
     return int(rc or 0)
 
 
