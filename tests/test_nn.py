@@ -204,6 +204,29 @@ def test_commit_first_n_frames_equals_commit_then_denoise(grad):
             net(x[:, 4:6], cache=caches[0], commit=3)
 
 
+@pytest.mark.parametrize("depth,every", [(4, 2), (3, 2), (2, 5)])  # last block temporal/spatial after/none
+def test_outputs_of_the_last_frames_equal_the_full_forward(depth, every):
+    """outputs=n computes only the last n frames past the last temporal layer's keys/values: their outputs
+    and the cache left behind are those of the full forward, with a cache (a commit riding with the next
+    frame's pass, commit=1) and without (the whole clip)."""
+    net, w, n = make(depth=depth, temporal_every=every), 3, 7
+    x = torch.randn(2, n + 1, 5, 32)
+    with torch.no_grad():
+        full = net(x, window=w)
+        torch.testing.assert_close(net(x, window=w, outputs=2), full[:, -2:], rtol=0, atol=ATOL)
+        pruned, plain = net.new_cache(2, w), net.new_cache(2, w)
+        for t in range(n):
+            y = net(x[:, t : t + 2], cache=pruned, commit=1, outputs=1)  # commit t, look at t + 1
+            assert y.shape == (2, 1, 5, 32)
+            torch.testing.assert_close(y, full[:, t + 1 : t + 2], rtol=0, atol=ATOL)
+            net(x[:, t : t + 1], cache=plain)
+        for layer in range(plain.layers):
+            for a, b in zip(pruned.get(layer), plain.get(layer)):
+                torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+        with pytest.raises(ValueError, match="outputs=0"):
+            net(x[:, :2], window=w, outputs=0)
+
+
 def test_sliding_cache_over_many_windows_equals_recompute():
     """A long no-grad stream slides the held frames through the buffer and moves them back to slot 0 when
     the free slots run out; the fused commit (commit=1 on two frames) and single-frame commits must keep

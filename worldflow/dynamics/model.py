@@ -129,7 +129,8 @@ class DynamicsModel(nn.Module):
         task: Tensor | None = None,
         cache: KVCache | None = None,
         t0: int | None = None,
-        commit: bool = True,
+        commit: bool | int = True,
+        outputs: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Predict clean latents.
 
@@ -137,13 +138,15 @@ class DynamicsModel(nn.Module):
         (B, T, ...) (the action that led to each frame, see :func:`shift_actions`) or None; action_mask
         (B, T) bool; task (B,) long or None (task 0). cache / t0 / commit: streaming, as in
         :meth:`SpaceTimeTransformer.forward`; the temporal window is always ``cfg.context``.
-        Returns x̂ (B, T, N_l, D_b) (read as velocity under objective flow_v) and the agent-token outputs
-        (B, T, A, width).
+        outputs: return only the last ``outputs`` frames (T' = outputs; None: T' = T), skipping the work
+        nothing reads (:meth:`SpaceTimeTransformer.forward`).
+        Returns x̂ (B, T', N_l, D_b) (read as velocity under objective flow_v) and the agent-token outputs
+        (B, T', A, width).
         """
         b, t, n, dim = z.shape
         x = self.tokens(z, tau, d, actions, action_mask, task)
-        h = self.backbone(x, self.spatial_mask, self.cfg.context, cache, t0, commit)
-        out = self.head(h[:, :, self.layout["spatial"]]).reshape(b, t, n, dim)
+        h = self.backbone(x, self.spatial_mask, self.cfg.context, cache, t0, commit, outputs)
+        out = self.head(h[:, :, self.layout["spatial"]]).reshape(b, h.shape[1], n, dim)
         return out, h[:, :, self.layout["agent"]]
 
     def new_cache(self, batch: int) -> KVCache:

@@ -72,7 +72,8 @@ class RolloutStream:
 
         A pending frame (a deferred commit pass) rides along in front of the new frames: one call
         instead of two, committing it (and the new frames if ``commit``); the new frames attend to it
-        exactly as they would after a separate commit pass.
+        exactly as they would after a separate commit pass; its own outputs are not read, so the call
+        computes only the new frames' (``outputs``).
         """
         if self.pending is not None and (self.pending[3] is None) != (acts is None):
             self.flush()  # cannot share a call (one labelled, one not): commit it on its own
@@ -83,9 +84,9 @@ class RolloutStream:
             labelled = acts is not None
             both = (cat(p[0], z), cat(p[1], tau), cat(p[2], d),
                     cat_actions([p[3], acts]) if labelled else None, cat(p[4], mask) if labelled else None)
-            x, agent = self.model(*both, self.task, self.cache, self.t, True if commit else 1)
+            x, agent = self.model(*both, self.task, self.cache, self.t, True if commit else 1, outputs=n)
             self.t += 1
-            return x[:, -n:], agent[:, -n:]
+            return x, agent
         if self.cache is not None:
             return self.model(z, tau, d, acts, mask, self.task, self.cache, self.t, commit)
         new = (z, tau, d, acts, mask)

@@ -222,15 +222,19 @@ class SpaceTimeBlock(nn.Module):
         cache: KVCache | None,
         cache_layer: int,
         commit: bool | int,
+        keep: int | None = None,
     ) -> Tensor:
-        """x (B, T, S, D) -> (B, T, S, D)."""
+        """x (B, T, S, D) -> (B, T, S, D), or (B, keep, S, D) with ``keep`` (a temporal block only): every
+        frame's temporal keys/values are computed (and cached), but only the last ``keep`` frames query
+        them and go on through the MLP; ``t_mask`` then holds those frames' rows (keep, T_k)."""
         b, t, s, d = x.shape
         h = self.norm_s(x).reshape(b * t, s, d)  # b t s d -> (b t) s d
         q, k, v = self.attn_s.project(h, sp_rope)
         h = self.attn_s.attend_out(q, k, v, sp_mask)
         x = x + self._drop(h.reshape(b, t, s, d))
         if self.temporal:
-            x = x + self._drop(self._temporal(x, t_rope, t_mask, cache, cache_layer, commit))
+            h = self._temporal(x, t_rope, t_mask, cache, cache_layer, commit, keep)
+            x = (x if keep is None else x[:, t - keep :]) + self._drop(h)
         return x + self._drop(self.mlp(self.norm_m(x)))
 
     def _temporal(
@@ -241,17 +245,22 @@ class SpaceTimeBlock(nn.Module):
         cache: KVCache | None,
         cache_layer: int,
         commit: bool | int,
+        keep: int | None = None,
     ) -> Tensor:
-        """Causal attention of every token position over its own history: (B, T, S, D) -> same."""
+        """Causal attention of every token position over its own history: (B, T, S, D) -> same, or the
+        last ``keep`` frames' outputs (B, keep, S, D) (all frames' keys/values still computed)."""
         b, t, s, d = x.shape
         h = self.norm_t(x).transpose(1, 2).reshape(b * s, t, d)  # b t s d -> (b s) t d
         q, k, v = self.attn_t.project(h, t_rope)
+        tq = t if keep is None else keep
+        if keep is not None:
+            q = q[:, :, t - keep :]  # (b s) H keep hd: only the kept frames query
         if cache is not None:
             k, v = cache.extend(cache_layer, k, v)
         h = self.attn_t.attend_out(q, k, v, t_mask)
         if cache is not None and commit:  # after attention: the commit may shift the buffer k, v view
             cache.write(cache_layer, k, v, _committed(commit, t))
-        return h.reshape(b, s, t, d).transpose(1, 2)  # (b s) t d -> b t s d
+        return h.reshape(b, s, tq, d).transpose(1, 2)  # (b s) tq d -> b tq s d
 
 
 class SpaceTimeTransformer(nn.Module):
@@ -310,8 +319,9 @@ class SpaceTimeTransformer(nn.Module):
         cache: KVCache | None = None,
         t0: int | None = None,
         commit: bool | int = True,
+        outputs: int | None = None,
     ) -> Tensor:
-        """x (B, T, S, D) -> (B, T, S, D).
+        """x (B, T, S, D) -> (B, T, S, D), or (B, outputs, S, D).
 
         spatial_mask: (S, S) bool, True = query token may attend key token (same for every frame).
         window: temporal context in frames (frame t sees t - window + 1 .. t); None = all earlier
@@ -324,6 +334,11 @@ class SpaceTimeTransformer(nn.Module):
             ``cache.next_t``; False leaves the cache untouched (re-denoising the same frame); an int n
             commits only the first n new frames (a committed frame and the first denoising pass of the
             next one in one call: the later frames attend to it, and are not kept).
+        outputs: compute only the last ``outputs`` frames' outputs (None: all). The earlier frames
+            still run through every layer up to the last temporal layer's keys/values (cached, and
+            attended by the later frames), but not beyond: a committed frame riding with the next
+            frame's denoising pass skips that layer's temporal queries, its MLP and every layer after it
+            when nothing reads its outputs. The kept frames' outputs equal those of the full forward.
         """
         b, t, s, d = x.shape
         dev = x.device
@@ -342,9 +357,19 @@ class SpaceTimeTransformer(nn.Module):
         if spatial_mask is not None and spatial_mask.shape != (s, s):
             raise ValueError(f"spatial_mask must be ({s}, {s}), got {tuple(spatial_mask.shape)}")
 
+        keep = None if outputs is None or outputs >= t else outputs
+        if keep is not None and keep < 1:
+            raise ValueError(f"outputs={outputs} must be >= 1 frame")
+        last = max((i for i, blk in enumerate(self.blocks) if blk.temporal), default=-1)
+        if keep is not None and last < 0:  # no temporal layer: frames never meet, drop the others now
+            x, keep = x[:, t - keep :], None
         li = 0
-        for blk in self.blocks:
-            x = blk(x, sp_rope, spatial_mask, t_rope, t_mask, cache, li, commit)
+        for i, blk in enumerate(self.blocks):
+            if i == last and keep is not None:  # the last layer whose keys/values every frame needs
+                rows = self._mask_rows(t_mask, keep)
+                x = blk(x, sp_rope, spatial_mask, t_rope, rows, cache, li, commit, keep)
+            else:
+                x = blk(x, sp_rope, spatial_mask, t_rope, t_mask, cache, li, commit)
             li += int(blk.temporal)
         if cache is not None and commit:
             cache.advance(_committed(commit, t))
@@ -382,6 +407,17 @@ class SpaceTimeTransformer(nn.Module):
             with torch.inference_mode(False):  # a version-tracked tensor, so attend() memoises its bias
                 memo[m_key] = temporal_mask(q_pos, k_pos, window)
         return memo[sp_key], memo["temporal"], memo[m_key]
+
+    def _mask_rows(self, t_mask: Tensor, keep: int) -> Tensor:
+        """The last ``keep`` query rows of a temporal mask (keep, T_k), memoised with the mask: attend()
+        memoises its bias per mask tensor, so the same rows must come back as the same tensor."""
+        memo = self.__dict__.setdefault("_memo", {})
+        key = ("mask_rows", id(t_mask), keep)
+        hit = memo.get(key)
+        if hit is None or hit[0] is not t_mask:
+            with torch.inference_mode(False):
+                hit = memo[key] = (t_mask, t_mask[t_mask.shape[0] - keep :].clone())
+        return hit[1]
 
     def _check_cache(self, cache: KVCache, batch: int, window: int | None, t0: int | None) -> int:
         if cache.batch != batch:
