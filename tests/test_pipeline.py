@@ -169,6 +169,33 @@ def test_ablations_smoke(tiny_run, tiny_data, tmp_path, monkeypatch):
     assert (out / "ablations.json").stat().st_mtime_ns == mtime
 
 
+def test_ablations_objectives_smoke(tiny_run, tiny_data, tmp_path, monkeypatch):
+    """--objectives trains the three objectives, scores each at every K (flow models also with Heun at
+    2K - 1 calls) with PSNR, Fréchet and Catch's validity, and writes JSON, tables and the plot."""
+    import sys
+
+    from benchmarks import ablations
+
+    out = tmp_path / "obj"
+    argv = ["ablations", "--objectives", "--setting", "catch", "--run", str(tiny_run),
+            "--data", str(tiny_data), "--config", "tiny", "--steps", "2", "--out", str(out)]
+    for name, value in (("CURVE_SWEEP", [1, 2]), ("HEUN_SWEEP", [1, 2]), ("HORIZONS", [1, 2]),
+                        ("CONTEXT", 2), ("CLIPS", 4)):
+        monkeypatch.setattr(ablations, name, value)
+    monkeypatch.setattr(sys, "argv", argv)
+    assert ablations.main() == 0
+    res = json.loads((out / "objectives.json").read_text())["catch"]
+    assert set(res) == set(ablations.OBJECTIVES)
+    shortcut, flow_x = res["shortcut x-pred (default)"]["0"], res["flow matching x-pred"]["0"]
+    assert "heun" not in shortcut and flow_x["heun"]["calls"] == {"1": 1, "2": 3}
+    assert shortcut["euler"]["calls"] == {"1": 1, "2": 2}
+    for metric in ("psnr", "frechet", "validity", "ball"):
+        assert all(v is not None for v in shortcut["euler"][metric].values()), metric
+    md = (out / "objectives.md").read_text()
+    assert "| flow matching v-pred | heun | psnr |" in md
+    assert (out / "quality_vs_steps.png").stat().st_size > 0
+
+
 def test_demo_smoke(tmp_path, capsys):
     """`worldflow demo` runs every stage end to end on the tiny preset and writes what the README promises.
 
