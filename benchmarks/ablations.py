@@ -39,6 +39,11 @@ VARIANTS = {
     "flow matching v-pred": ["dynamics.objective=flow_v"],
     "shortcut, no ramp weight": ["dynamics.ramp_weight=false"],
     "shortcut, clean context": ["dynamics.context_noise=false"],
+    # An EMA of the weights, for sampling and optionally for the bootstrap targets, as Shortcut Models use.
+    # 0.99 averages about the last 100 of 1000 steps: the average starts at the initial weights, so 0.999
+    # would still hold a third of them at step 1000.
+    "shortcut, EMA 0.99": ["dynamics.ema=0.99"],
+    "shortcut, EMA 0.99 targets": ["dynamics.ema=0.99", "dynamics.ema_targets=true"],
 }
 SWEEP = [1, 4, 64]
 HORIZONS = [1, 2, 4, 8, 16]

@@ -235,3 +235,33 @@ def test_imagined_batch_serves_imag_reuse_updates(tiny_run, tiny_data, tiny_cfg,
     assert out["step"] == 6 and len(calls) == 3
     with pytest.raises(ValueError, match="imag_reuse must be >= 1"):
         train_agent.train_imagination(tiny_cfg("agent.imag_reuse=0"), tiny_data, run, progress=False)
+
+
+def test_online_loop_smoke(tiny_run, tiny_data, tmp_path):
+    """`worldflow train agent --online`: each iteration plays the current policy in the real env, grows the
+    dataset, fine-tunes every phase; the real return of each collection and of a final evaluation is logged
+    against the real env steps its policy was trained on (online.json) and plotted (online_return.png)."""
+    import shutil
+
+    from worldflow.data.episodes import load_manifest
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(tiny_data, data)
+    before = load_manifest(data)["episodes"]
+    steps = [f"online.{k}={v}" for k, v in (("iterations", 2), ("episodes_per_iter", 2),
+                                             ("tokenizer_steps", 1), ("dynamics_steps", 1), ("bc_steps", 1),
+                                             ("agent_steps", 1))]
+    assert main(["train", "agent", "--online", "--env", "worldflow/Catch-v0", "--config", "tiny", "--data",
+                 str(data), "--run", str(run), "--no-progress", "data.size=16", "collect.episodes=8",
+                 *steps]) == 0
+    after = load_manifest(data)["episodes"]
+    assert len(after) == len(before) + 4  # two iterations of two episodes; the final evaluation adds none
+    curve = json.loads((run / "online.json").read_text())
+    assert [(p["iteration"], p["kind"]) for p in curve] == [(0, "collect"), (1, "collect"), (2, "final eval")]
+    offline = sum(e["length"] for e in before)
+    assert curve[0]["env_steps"] == offline
+    assert curve[1]["env_steps"] == offline + sum(e["length"] for e in after[len(before):len(before) + 2])
+    assert curve[2]["env_steps"] == sum(e["length"] for e in after)
+    assert all(len(p["returns"]) == 2 for p in curve)
+    assert (run / "online_return.png").stat().st_size > 0

@@ -118,13 +118,16 @@ def baseline_returns(env_id: str, size: int, episodes: int, kind: str, seed: int
     return {"mean": float(r.mean()), "std": float(r.std()), "returns": r.tolist()}
 
 
-def collect_with_policy(run, env_id: str, data, episodes: int, seed: int, progress: bool = True) -> None:
-    """Online loop: play ``episodes`` with the run's current policy and append them to the dataset."""
+def collect_with_policy(run, env_id: str, data, episodes: int, seed: int, progress: bool = True
+                        ) -> dict[str, Any]:
+    """Online loop: play ``episodes`` with the run's current policy (sampling) and append them to the
+    dataset; returns their summary (mean/std return, per-episode returns and lengths, phase)."""
     from worldflow.data.episodes import DatasetWriter, load_manifest
     from worldflow.data.spaces import space_from_dict
 
     m = load_manifest(data)
     res = policy_returns(run, env_id, episodes, None, True, seed, progress, record=True)
     writer = DatasetWriter(Path(data), m["env_id"], space_from_dict(m["action_space"]))
-    for i, rec in enumerate(res["records"]):
+    for i, rec in enumerate(res.pop("records")):
         writer.add_record(rec, policy="agent", seed=seed + i)
+    return res

@@ -181,10 +181,15 @@ def online_loop(cfg: Config, data, run, env_id: str, progress: bool = True) -> l
     """Dreamer-style loop: (act in the real env -> grow dataset -> fine-tune world model -> train agent).
 
     Each iteration raises every phase's step budget by the configured amount and resumes from its latest
-    checkpoint, so the models keep learning on the growing dataset.
+    checkpoint, so the models keep learning on the growing dataset. The real return of every collection
+    (iteration i plays the policy trained by iteration i - 1; iteration 0 the offline one) and of a final
+    evaluation of the last policy (``episodes_per_iter`` episodes, not added to the data) is written, with
+    the real env steps of the data that policy was trained on, to ``<run>/online.json`` and plotted in
+    ``<run>/online_return.png`` as it goes. Returns the per-iteration training summaries.
     """
+    from worldflow.data.episodes import load_manifest
     from worldflow.data.mixture import as_roots
-    from worldflow.eval.returns import collect_with_policy
+    from worldflow.eval.returns import collect_with_policy, policy_returns
     from worldflow.train import dynamics as train_dynamics
     from worldflow.train import tokenizer as train_tokenizer
 
@@ -195,10 +200,14 @@ def online_loop(cfg: Config, data, run, env_id: str, progress: bool = True) -> l
     on = cfg.online
     extra = {"train_tokenizer": on.tokenizer_steps, "train_dynamics": on.dynamics_steps,
              "train_bc": on.bc_steps, "train_agent": on.agent_steps}
-    history = []
+    env_steps = sum(int(e["length"]) for e in load_manifest(data)["episodes"])  # the offline data's
+    history, curve = [], []
     for it in range(on.iterations):
         seed = cfg.collect.seed + 10_000 * (it + 1)
-        collect_with_policy(run, env_id, data, on.episodes_per_iter, seed=seed, progress=progress)
+        res = collect_with_policy(run, env_id, data, on.episodes_per_iter, seed=seed, progress=progress)
+        curve.append(_online_point(it, "collect", res, env_steps))  # a policy trained on env_steps steps
+        _write_online(run, curve)
+        env_steps += sum(res["lengths"])
         # iteration it trains every phase to its preset budget plus (it + 1) rounds of fine-tuning steps
         it_cfg = derive(cfg, **{f"{phase}.steps": getattr(cfg, phase).steps + (it + 1) * n
                                 for phase, n in extra.items()},
@@ -206,4 +215,29 @@ def online_loop(cfg: Config, data, run, env_id: str, progress: bool = True) -> l
         train_tokenizer.train(it_cfg, data, run, progress=progress)
         train_dynamics.train(it_cfg, data, run, progress=progress)
         history.append(train_offline(it_cfg, data, run, progress=progress))
+    # the last iteration's policy, on seeds no collection used
+    res = policy_returns(run, env_id, on.episodes_per_iter, None, True, cfg.collect.seed + 10_000 * 999,
+                         progress)
+    curve.append(_online_point(on.iterations, "final eval", res, env_steps))
+    _write_online(run, curve)
     return history
+
+
+def _online_point(iteration: int, kind: str, res: dict[str, Any], env_steps: int) -> dict[str, Any]:
+    """One point of the online loop's return curve (an entry of ``online.json``)."""
+    return {"iteration": iteration, "kind": kind, "env_steps": env_steps, "return_mean": res["mean"],
+            "return_std": res["std"], "returns": res["returns"], "phase": res.get("phase")}
+
+
+def _write_online(run, curve: list[dict[str, Any]]) -> None:
+    """``online.json`` (atomic) and ``online_return.png``: real return against the dataset's real steps."""
+    import json
+    from pathlib import Path
+
+    from worldflow.eval.visual import plot_curves
+    from worldflow.io import atomic_write_text
+
+    atomic_write_text(Path(run) / "online.json", json.dumps(curve, indent=1) + "\n")
+    plot_curves(Path(run) / "online_return.png", {"real return (sampled policy)": {
+        p["env_steps"]: p["return_mean"] for p in curve}}, "real env steps trained on", "mean return",
+        "online loop", logx=False)
