@@ -173,8 +173,8 @@ def _agg(vals: list[float | None]) -> tuple[float, float] | None:
 def _curve_rows(seeds: dict[str, dict]) -> list[tuple[str, str, dict[str, dict[int, tuple[float, float]]]]]:
     """(variant, sampler, {metric: {K: (mean, half range)}}) for one setting's results."""
     rows = []
-    for name in OBJECTIVES:
-        per_seed = list(seeds.get(name, {}).values())
+    for name in [n for n in VARIANTS if n in seeds]:  # the objectives first, then any other scored
+        per_seed = list(seeds[name].values())
         if not per_seed:
             continue
         for sampler in ("euler", "heun"):
@@ -270,8 +270,9 @@ def objectives_main(args: argparse.Namespace) -> int:
     done = out / "objectives.json"
     results: dict = json.loads(done.read_text()) if done.exists() else {}
     seeds_done = results.setdefault(args.setting, {})
+    names = args.only or OBJECTIVES
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for name in OBJECTIVES:
+        for name in names:
             if str(seed) in seeds_done.get(name, {}):
                 continue  # resumable: a finished (variant, seed) is not retrained
             run = _variant_run(base, out / args.setting, f"{name} s{seed}")
@@ -307,18 +308,23 @@ def main() -> int:
     p.add_argument("--config", default="small")
     p.add_argument("--steps", type=int, default=1000, help="dynamics training steps per variant and seed")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    p.add_argument("--only", action="append", default=[], metavar="VARIANT",
+                   help="a variant name, repeatable (names hold commas; default: all, with --objectives the "
+                        "three objectives)")
     p.add_argument("--out", default="benchmarks/ablations")
     p.add_argument("--objectives", action="store_true",
                    help="the steps curve of shortcut / flow x / flow v (with Heun) on --setting")
     p.add_argument("--setting", default="catch", help="with --objectives: a suite env (catch, pong, ...)")
     args = p.parse_args()
+    unknown = [n for n in args.only if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
     if args.objectives:
         return objectives_main(args)
     if not (args.run and args.data):
         p.error("--run and --data are required without --objectives")
     out = Path(args.out)
-    names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    names = [n for n in VARIANTS if not args.only or n in args.only]
     done = out / "ablations.json"
     rows: dict = json.loads(done.read_text()) if done.exists() else {}
     for seed in [int(s) for s in args.seeds.split(",")]:
